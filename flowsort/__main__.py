@@ -1,0 +1,3 @@
+from flowsort.cli import main
+
+raise SystemExit(main())
