@@ -1,0 +1,48 @@
+"""K-fold cross-validation, reported as mean +- sd like the paper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from trainer.dataset import CellDataset
+from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
+
+INNER_VALIDATION_FRACTION = 0.1
+
+
+def cross_validate(
+    dataset: CellDataset,
+    labeled: np.ndarray,
+    folds: int,
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train one model per fold and score it on the fold it never saw.
+
+    Early stopping uses an inner validation split of the training folds, so the
+    held-out fold stays untouched until it is scored.
+    """
+    labels = dataset.labels[labeled]
+    min_count = int(np.bincount(labels[labels >= 0]).min(initial=0))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    per_fold = []
+    for k, (train_part, test_part) in enumerate(splitter.split(np.zeros(len(labeled)), labels)):
+        inner_train, inner_val = stratified_split(labels[train_part], INNER_VALIDATION_FRACTION, config.seed + k)
+        train_index, val_index = labeled[train_part][inner_train], labeled[train_part][inner_val]
+        test_index = labeled[test_part]
+        checkpoint = checkpoint_dir / f"fold-{k + 1}.pt" if checkpoint_dir else None
+        result = fit(dataset, train_index, val_index, config, checkpoint, resume, description=f"fold {k + 1}/{folds}")
+        logits, _ = logits_and_embedding(result.module, dataset.images, test_index)
+        metrics = validation_metrics(logits, dataset.labels[test_index].astype(np.int64))
+        metrics.update(fold=k + 1, n_test=int(len(test_index)), best_epoch=result.best_epoch)
+        per_fold.append(metrics)
+    summary: dict[str, Any] = {"folds": folds, "per_fold": per_fold, "smallest_class": min_count}
+    for key in ("accuracy", "balanced_accuracy"):
+        values = np.array([fold[key] for fold in per_fold])
+        summary[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if folds > 1 else 0.0}
+    return summary
