@@ -45,6 +45,22 @@ def tiny_bundle(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactor
     from flowsort.cli import main
 
     bundle = tmp_path_factory.mktemp("bundle") / "tiny"
-    assert main(["train", str(synthetic_dataset), "-o", str(bundle), "--width", "0.25", "--epochs", "8",
-                 "--lr", "0.1", "--seed", "3"]) == 0
+    assert main(["train", str(synthetic_dataset), "-o", str(bundle), "--width", "0.25", "--epochs", "6",
+                 "--seed", "3"]) == 0
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle trained for seconds (300 cells of 32x32, 3 epochs): for tests of what consumes bundles, not of accuracy."""
+    from flowsort.cli import main
+    from trainer.dataset import write_dataset
+    from trainer.synthetic import generate, to_dataset
+
+    folder = tmp_path_factory.mktemp("quick")
+    cells = generate(300, seed=5, size=32, prior="uniform", dead_fraction=0.08, debris_fraction=0.04)
+    dataset = write_dataset(folder / "dataset", to_dataset(cells))
+    bundle = folder / "bundle"
+    assert main(["train", str(dataset), "-o", str(bundle), "--width", "0.25", "--epochs", "3", "--batch-size", "32",
+                 "--lr", "0.1", "--seed", "0"]) == 0
     return bundle

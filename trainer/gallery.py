@@ -84,12 +84,13 @@ def write_contact_sheet(
     height = TITLE_HEIGHT + len(strips) * strip_height * ZOOM
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    row_height = strip_height * ZOOM / height
     for row, ((name, index), strip) in enumerate(zip(rows.items(), strips)):
-        top = TITLE_HEIGHT + row * strip_height * ZOOM
-        axes = figure.add_axes((LABEL_WIDTH / width, 1 - (top + strip_height * ZOOM) / height, 1 - LABEL_WIDTH / width, strip_height * ZOOM / height))
+        bottom = 1 - (TITLE_HEIGHT / height + (row + 1) * row_height)
+        axes = figure.add_axes((LABEL_WIDTH / width, bottom, 1 - LABEL_WIDTH / width, row_height))
         axes.imshow(strip, cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
         axes.set_axis_off()
-        figure.text(8 / width, 1 - (top + strip_height * ZOOM / 2) / height, f"{name}\n{len(index):,} cells", va="center", fontsize=9)
+        figure.text(8 / width, bottom + row_height / 2, f"{name}\n{len(index):,} cells", va="center", fontsize=9)
     channels = " | ".join(dataset.channel_names)
     heading = f"{title}\n" if title else ""
     figure.text(0.5, 1 - 4 / height, f"{heading}each cell: {channels}", ha="center", va="top", fontsize=9)

@@ -1,28 +1,31 @@
 """A synthetic imaging flow cytometer: brightfield + darkfield cells with ground truth.
 
-Why: the real sample is small (2,564 cells, a handful of Anaphase) and has no
+Why: the real sample is small (2,564 cells, twelve in Anaphase) and holds no
 dead cells or debris, so training, the live instrument and the tests need an
 unlimited source whose truth is known. The optics imitate the ImageStream
-sample rather than drawing cartoons; every constant below was measured on it
-(see docs): brightfield is a bright, flat background (677 ADU, noise 5.7) with
-a bright textured cell, a bright rim inside the membrane and a thin dark
-membrane ring with a darker halo outside it; darkfield is a dim background
-(27 ADU, noise 2) that the cell body shadows to ~10 ADU, lit by a few granular
-scatter spots near the membrane, more often on the left (the side-scatter
-laser's side), with a slight horizontal smear of the camera.
+sample instead of drawing cartoons; the constants were measured on it:
+
+* brightfield: a flat background of 677 ADU (noise 5.7), a textured cell
+  brighter than the background with a bright band ~4 px inside the membrane,
+  a thin dark membrane ring (~565 ADU) and a dark halo fading over ~4 px;
+* darkfield: a background-subtracted 27 ADU (noise 1.9) that the cell body
+  shadows below zero, so most of the cell reads 0, lit by clouds of scatter
+  spots hugging the membrane, two thirds of them on the left (the side-scatter
+  laser's side), slightly wider than brightfield detail and smeared sideways;
+* membrane radius per stage, in pixels (mean, sd), overlapping between
+  neighbours: G1 10.3 (0.9), S 11.3 (0.7), G2 12.3 (1.4), mitotic ~13.
 
 Geometry is analytic: each object is the union of up to five lobes (the cell
-body with two shape harmonics, a division partner, blebs, fragments) described
-by a signed distance to its outline, so a random rotation or sub-pixel shift
-costs nothing. Granules are splatted onto the pixel grid and everything is
-blurred with a per-cell focus kernel applied as two small matrix products.
-Elongated objects (Anaphase, Telophase doublets) align with the flow, as the
-hydrodynamic focusing of the instrument makes them do in the real sample.
+body with two shape harmonics, a division partner, blebs, fragments) given by a
+signed distance to its outline, so random rotation and sub-pixel position cost
+nothing. Granules are splatted onto the pixel grid and each image is blurred by
+its own focus kernel as two small matrix products. Elongated objects (Anaphase,
+Telophase doublets) align with the flow, as hydrodynamic focusing makes them do
+in the real sample.
 
 Shot noise is drawn from a normal with the Poisson variance: every pixel holds
-hundreds to tens of thousands of photo-electrons, where the two are
-indistinguishable, and exact Poisson sampling would cost five times the rest of
-the simulator.
+hundreds to tens of thousands of photo-electrons, where the two cannot be told
+apart, and exact Poisson sampling would more than double the simulator's cost.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,13 +45,12 @@ from trainer.dataset import UNLABELED, CellDataset
 STAGES = ("G1", "S_phase", "G2", "Prophase", "Metaphase", "Anaphase", "Telophase")
 # An asynchronous Jurkat culture: 97.8% interphase as in the reference study
 # (Blasi et al. 2016); Prophase is the most common mitotic stage, Anaphase the rarest.
-JURKAT_PRIOR: Mapping[str, float] = dict(
-    zip(STAGES, (0.55, 0.27, 0.158, 0.0172, 0.0025, 0.0009, 0.0014))
+JURKAT_PRIOR: Mapping[str, float] = MappingProxyType(
+    dict(zip(STAGES, (0.55, 0.27, 0.158, 0.0172, 0.0025, 0.0009, 0.0014)))
 )
-PRIORS: Mapping[str, Mapping[str, float]] = {
-    "jurkat": JURKAT_PRIOR,
-    "uniform": {stage: 1 / len(STAGES) for stage in STAGES},
-}
+PRIORS: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {"jurkat": JURKAT_PRIOR, "uniform": MappingProxyType({stage: 1 / len(STAGES) for stage in STAGES})}
+)
 CHANNELS = (3, 6)
 CHANNEL_NAMES = ("brightfield", "darkfield")
 DEFAULT_SIZE = 40
@@ -267,7 +270,7 @@ def _source(seed: int, size: int, prior: Any, dead_fraction: float, debris_fract
         "simulator_version": SIMULATOR_VERSION,
         "seed": seed,
         "size": size,
-        "prior_name": prior if isinstance(prior, str) or prior is None else "custom",
+        "prior_name": "jurkat" if prior is None else prior if isinstance(prior, str) else "custom",
         "prior": resolve_prior(prior),
         "dead_fraction": dead_fraction,
         "debris_fraction": debris_fraction,
@@ -331,10 +334,8 @@ def _draw_geometry(rng: np.random.Generator, kinds: np.ndarray) -> _Geometry:
     center = normal((2, n)) * _CENTER_SD
     center[:, kinds == _DEBRIS] *= 3  # debris is centered poorly by the instrument's segmentation
     irregular = _TABLE["irregular"][kinds]
-    harmonics = np.stack(
-        [irregular * normal(n), rng.uniform(0, 2 * np.pi, n), 0.5 * irregular * normal(n), rng.uniform(0, 2 * np.pi, n)],
-        axis=1,
-    )
+    phases = rng.uniform(0, 2 * np.pi, (2, n))
+    harmonics = np.stack([irregular * normal(n), phases[0], 0.5 * irregular * normal(n), phases[1]], axis=1)
     axis = np.pi / 2 + _DIVISION_AXIS_SD * normal(n)
     extra = np.zeros((n, 3, _N_EXTRA_LOBES))
     body = center.copy()
@@ -356,15 +357,15 @@ def _draw_geometry(rng: np.random.Generator, kinds: np.ndarray) -> _Geometry:
         blebs = rng.random((dead.size, _N_EXTRA_LOBES)) < [0.9, 0.6, 0.35, 0.0]
         fragments = rng.random((dead.size, _N_EXTRA_LOBES)) < [0.0, 0.0, 0.2, 0.45]
         distance = np.where(blebs, rng.uniform(0.85, 1.05, blebs.shape), rng.uniform(1.3, 1.8, blebs.shape))
-        size = np.where(blebs, rng.uniform(1.5, 3.2, blebs.shape), rng.uniform(1.0, 2.2, blebs.shape))
-        _place_satellites(rng, extra, dead, body, radius, distance, np.where(blebs | fragments, size, 0))
+        lobe_radius = np.where(blebs, rng.uniform(1.5, 3.2, blebs.shape), rng.uniform(1.0, 2.2, blebs.shape))
+        _place_satellites(rng, extra, dead, body, radius, distance, np.where(blebs | fragments, lobe_radius, 0))
 
     debris = np.flatnonzero(kinds == _DEBRIS)
     if debris.size:
         pieces = rng.random((debris.size, _N_EXTRA_LOBES)) < [0.6, 0.35, 0.15, 0.0]
         distance = rng.uniform(1.2, 3.5, pieces.shape)
-        size = np.where(pieces, rng.uniform(0.8, 2.0, pieces.shape), 0)
-        _place_satellites(rng, extra, debris, body, radius, distance, size)
+        lobe_radius = np.where(pieces, rng.uniform(0.8, 2.0, pieces.shape), 0)
+        _place_satellites(rng, extra, debris, body, radius, distance, lobe_radius)
 
     broken = np.where(kinds == _DEAD, rng.uniform(0.3, 0.9, n), 0.0)
     return _Geometry(body[0], body[1], radius, harmonics, extra, broken, axis, is_dividing)
@@ -377,14 +378,14 @@ def _place_satellites(
     body: np.ndarray,
     radius: np.ndarray,
     distance: np.ndarray,
-    size: np.ndarray,
+    lobe_radius: np.ndarray,
 ) -> None:
-    """Small lobes around the body: ``distance`` in body radii, ``size`` in pixels (0 = none)."""
+    """Small lobes around the body: ``distance`` in body radii, ``lobe_radius`` in pixels (0 = none)."""
     angle = rng.uniform(0, 2 * np.pi, distance.shape)
     reach = distance * radius[cells, None]
     extra[cells, 0] = body[0, cells, None] + reach * np.cos(angle)
     extra[cells, 1] = body[1, cells, None] + reach * np.sin(angle)
-    extra[cells, 2] = size
+    extra[cells, 2] = lobe_radius
 
 
 def _render(rng: np.random.Generator, kinds: np.ndarray, size: int) -> np.ndarray:
@@ -461,7 +462,8 @@ def _granules(rng: np.random.Generator, geometry: _Geometry, kinds: np.ndarray, 
     reach = 0.8 * np.sqrt(rng.random(cell.size))  # uniform over the inner disk
     angle = rng.uniform(0, 2 * np.pi, cell.size)
     amplitude = 400 * np.exp(0.45 * rng.standard_normal(cell.size))
-    return _splat(len(kinds), size, cell, lobe_x + reach * lobe_r * np.cos(angle), lobe_y + reach * lobe_r * np.sin(angle), amplitude)
+    x, y = lobe_x + reach * lobe_r * np.cos(angle), lobe_y + reach * lobe_r * np.sin(angle)
+    return _splat(len(kinds), size, cell, x, y, amplitude)
 
 
 def _scatter_spots(rng: np.random.Generator, geometry: _Geometry, kinds: np.ndarray, size: int) -> np.ndarray:
@@ -512,7 +514,9 @@ def _chromatin(geometry: _Geometry, kinds: np.ndarray, xs: np.ndarray, ys: np.nd
     ):
         cells = np.flatnonzero(kinds == kind)
         r = radius[cells]
-        blobs[cells, 0] = np.stack([geometry.x[cells], geometry.y[cells], along * r, across * r, np.full(cells.size, weight)], 1)
+        blobs[cells, 0] = np.stack(
+            [geometry.x[cells], geometry.y[cells], along * r, across * r, np.full(cells.size, weight)], axis=1
+        )
         if shift is not None:  # a dividing cell: one blob per lobe, pushed towards its pole
             blobs[cells, 0, :2] -= (shift * r * direction[:, cells]).T
             partner = geometry.extra[cells, :2, 0] + (shift * r * direction[:, cells]).T

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trainer.cli import gallery, import_ideas, import_montage, import_synthetic, train
+from trainer.cli import embed, evaluate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,3 +20,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     import_synthetic.add_parser(sources)
     gallery.add_parser(subparsers)
     train.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
+    embed.add_parser(subparsers)

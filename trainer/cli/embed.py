@@ -1,0 +1,121 @@
+"""`flowsort embed BUNDLE DATASET -o FILE`: per-cell embeddings, probabilities and dead scores for analysis elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flowsort.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engines.bundle import Bundle
+    from trainer.inference import Predictions
+
+FORMATS = (".npz", ".csv", ".parquet")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="export per-cell embeddings, class probabilities and dead scores (.npz, .csv, .parquet)",
+        description=(
+            "Run a bundle's model on every cell of a dataset and write, per cell, the object id, label, "
+            "predicted class, calibrated probability per class, dead-cell score and flag and the embedding. "
+            "The format follows FILE's suffix: .npz (arrays), .csv (one row per cell) or .parquet (needs pyarrow)."
+        ),
+    )
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle directory from `flowsort train`")
+    parser.add_argument("dataset", type=Path, metavar="DATASET", help="dataset folder from `flowsort import`")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="FILE", help="output file: .npz, .csv or .parquet")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.evaluation import load_inputs, model_labels, run_model
+
+    suffix = args.out.suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"cannot tell the format of {args.out.name!r}: end -o with .npz, .csv or .parquet")
+    if suffix == ".parquet":
+        _require_pyarrow()
+    bundle, dataset = load_inputs(args.bundle, args.dataset)
+    labels = model_labels(bundle, dataset)
+    predictions = run_model(bundle, dataset)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npz":
+        write_npz(args.out, bundle, dataset.object_ids, labels, predictions)
+    else:
+        columns = table_columns(bundle, dataset.object_ids, labels, predictions)
+        (write_csv if suffix == ".csv" else write_parquet)(args.out, columns)
+    flagged = int((predictions.dead_score > bundle.dead_threshold).sum())
+    print(f"wrote {args.out}: {len(dataset):,} cells, {predictions.embedding.shape[1]}-d embedding, "
+          f"{len(bundle.class_names)} class probabilities, {flagged:,} cells flagged dead")
+    return 0
+
+
+def write_npz(path: Path, bundle: Bundle, object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions) -> None:
+    """Arrays by name; ``labels`` index ``class_names`` (the model's), -1 for unlabeled cells."""
+    import numpy as np
+
+    np.savez(
+        path,
+        object_ids=object_ids,
+        labels=labels,
+        embedding=predictions.embedding,
+        probabilities=predictions.probabilities,
+        dead_score=predictions.dead_score,
+        dead_flag=predictions.dead_score > bundle.dead_threshold,
+        class_names=np.array(bundle.class_names),
+    )
+
+
+def table_columns(bundle: Bundle, object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions) -> dict[str, np.ndarray]:
+    """One column per field for the row formats: names for labels (empty when unlabeled), p_<class>, emb_<i>."""
+    import numpy as np
+
+    names = np.array([*bundle.class_names, ""])  # label -1 (unlabeled) picks the trailing empty name
+    columns = {
+        "object_id": object_ids,
+        "label": names[labels],
+        "predicted": names[predictions.probabilities.argmax(axis=1)],
+        **{f"p_{name}": predictions.probabilities[:, k] for k, name in enumerate(bundle.class_names)},
+        "dead_score": predictions.dead_score,
+        "dead_flag": predictions.dead_score > bundle.dead_threshold,
+    }
+    columns.update({f"emb_{i}": predictions.embedding[:, i] for i in range(predictions.embedding.shape[1])})
+    return columns
+
+
+def write_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Floats with 9 significant digits, enough to read float32 values back exactly; flags as 0/1."""
+    import csv
+
+    import numpy as np
+
+    def text(values: np.ndarray) -> np.ndarray:
+        if values.dtype.kind == "f":
+            return np.char.mod("%.9g", values)
+        return (values.astype(np.int8) if values.dtype == bool else values).astype(str)
+
+    cells = [text(values) for values in columns.values()]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(zip(*cells))
+
+
+def write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise UserError("writing .parquet needs pyarrow (pip install pyarrow); or write .npz or .csv instead") from exc
