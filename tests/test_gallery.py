@@ -90,6 +90,8 @@ def test_any_dataset_any_channels_and_custom_rows(tmp_path: Path) -> None:
     assert png_size(sheet) == expected_size(3, per_class=2, channels=3, size=36)
     custom = gallery.write_contact_sheet(dataset, tmp_path / "custom.png", per_class=5, rows={"picked": np.array([1, 4])})
     assert png_size(custom) == expected_size(1, per_class=5, channels=3, size=36)
+    with pytest.raises(ValueError, match="no cells"):
+        gallery.write_contact_sheet(dataset, tmp_path / "empty.png", rows={"nothing": np.array([], dtype=int)})
 
 
 def test_commands_refuse_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

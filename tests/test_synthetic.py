@@ -171,7 +171,7 @@ def test_pool_draws_known_cells_with_fresh_noise() -> None:
     # Same cell under flips and new noise: its sorted pixel values agree to within the noise.
     assert np.abs(np.sort(first, axis=None) - np.sort(second, axis=None)).mean() < 6
 
-    pool = CellPool(300, seed=3, prior="uniform")
+    pool = CellPool(300, seed=3, prior="uniform", rotate90=True)
     a, b = (pool.sample(200, np.random.default_rng(9)) for _ in range(2))
     assert a.images.tobytes() == b.images.tobytes()
     assert set(np.unique(a.stage)) <= set(range(-1, len(STAGES)))

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from trainer.dataset import CellDataset
+from trainer.merges import merged_classes, remap_labels
 from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
 
 INNER_VALIDATION_FRACTION = 0.1
@@ -21,12 +22,16 @@ def cross_validate(
     config: TrainConfig,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    report_merges: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train one model per fold and score it on the fold it never saw.
 
     Early stopping uses an inner validation split of the training folds, so the
-    held-out fold stays untouched until it is scored.
+    held-out fold stays untouched until it is scored. ``report_merges`` also
+    scores each fold with classes merged (probabilities summed), so one run gives
+    both the 7-stage and the paper's 5-class figures.
     """
+    merge_mapping = merged_classes(dataset.class_names, report_merges)[1] if report_merges else None
     labels = dataset.labels[labeled]
     min_count = int(np.bincount(labels[labels >= 0]).min(initial=0))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
@@ -38,11 +43,32 @@ def cross_validate(
         checkpoint = checkpoint_dir / f"fold-{k + 1}.pt" if checkpoint_dir else None
         result = fit(dataset, train_index, val_index, config, checkpoint, resume, description=f"fold {k + 1}/{folds}")
         logits, _ = logits_and_embedding(result.module, dataset.images, test_index)
-        metrics = validation_metrics(logits, dataset.labels[test_index].astype(np.int64))
+        test_labels = dataset.labels[test_index]
+        metrics = validation_metrics(logits, test_labels.astype(np.int64))
+        if merge_mapping is not None:
+            metrics["merged"] = merged_metrics(logits, test_labels, merge_mapping)
         metrics.update(fold=k + 1, n_test=int(len(test_index)), best_epoch=result.best_epoch)
         per_fold.append(metrics)
     summary: dict[str, Any] = {"folds": folds, "per_fold": per_fold, "smallest_class": min_count}
+    summary.update(mean_and_sd(per_fold))
+    if merge_mapping is not None:
+        summary["merged"] = {"merges": report_merges, **mean_and_sd([fold["merged"] for fold in per_fold])}
+    return summary
+
+
+def merged_metrics(logits: np.ndarray, labels: np.ndarray, mapping: np.ndarray) -> dict[str, float]:
+    """Metrics after merging classes: merged probabilities are the sums of their members'."""
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    merged = np.zeros((len(logits), int(mapping.max()) + 1))
+    np.add.at(merged.T, mapping, probabilities.T)
+    metrics = validation_metrics(np.log(merged + 1e-12), remap_labels(labels, mapping).astype(np.int64))
+    metrics.pop("loss")
+    return metrics
+
+
+def mean_and_sd(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
     for key in ("accuracy", "balanced_accuracy"):
         values = np.array([fold[key] for fold in per_fold])
-        summary[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if folds > 1 else 0.0}
-    return summary
+        out[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return out

@@ -32,6 +32,8 @@ from trainer.merges import merged_classes
 PREDICT_CHUNK = 4096  # cells read from the memory-mapped dataset per step of the progress bar
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
+KNN_MAX_CELLS = 20_000
+KNN_BLOCK_ELEMENTS = 1 << 24  # similarities held at once (64 MiB of float32)
 KNN_PROTOCOL = (
     "weighted k-NN, leave-one-out within the dataset on labeled cells: cosine similarity, "
     "the k most similar other cells vote with weight exp(similarity / 0.07) "
@@ -42,6 +44,9 @@ MAP_PCA_DIMS = 50
 MAP_MIN_CELLS = 10
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+# how to fix a dataset class the model lacks, per command
+MERGE_REMEDY = "or name it as the target of a --merge of model classes (e.g. --merge G1,S_phase,G2=Interphase)"
+IMPORT_REMEDY = "or import the cells unlabeled"
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,11 @@ def run_model(bundle: Bundle, dataset: CellDataset, chunk: int = PREDICT_CHUNK) 
     return Predictions(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(Predictions)))
 
 
+def flagged_dead(dead_score: np.ndarray, bundle: Bundle) -> np.ndarray:
+    """The cells the bundle's dead-cell detector flags: a score above its threshold, as on the instrument."""
+    return dead_score > bundle.dead_threshold
+
+
 def labels_by_name(dataset: CellDataset, index_of: Mapping[str, int]) -> np.ndarray:
     """The dataset's labels re-indexed into another class list by name.
 
@@ -101,23 +111,21 @@ def labels_by_name(dataset: CellDataset, index_of: Mapping[str, int]) -> np.ndar
     return table[dataset.labels]  # an UNLABELED (-1) label picks the trailing UNLABELED
 
 
-def check_known_classes(dataset: CellDataset, known: set[str], class_names: Sequence[str]) -> None:
+def check_known_classes(dataset: CellDataset, known: set[str], class_names: Sequence[str], remedy: str) -> None:
     """Refuse labeled cells of a class the model cannot predict: their accuracy would silently be zero."""
     unknown = [name for name, count in dataset.class_counts().items() if count and name not in known]
     if unknown:
         raise UserError(
             f"the dataset labels cells as {', '.join(unknown)}, which the model does not know "
-            f"(its classes: {', '.join(class_names)}): use a dataset labeled with the model's class names, "
-            "or, in `flowsort evaluate`, name the class as the target of a --merge of model classes "
-            "(e.g. --merge G1,S_phase,G2=Interphase)"
+            f"(its classes: {', '.join(class_names)}): use a dataset labeled with the model's class names, {remedy}"
         )
 
 
-def model_labels(bundle: Bundle, dataset: CellDataset, merge: Merge | None = None) -> np.ndarray:
+def model_labels(bundle: Bundle, dataset: CellDataset, merge: Merge | None = None, remedy: str = MERGE_REMEDY) -> np.ndarray:
     """Labels as indices into the bundle's classes; cells labeled only with a merged name become UNLABELED."""
     index_of = {name: index for index, name in enumerate(bundle.class_names)}
     known = set(index_of) | (set(merge.class_names) if merge else set())
-    check_known_classes(dataset, known, bundle.class_names)
+    check_known_classes(dataset, known, bundle.class_names, remedy)
     return labels_by_name(dataset, index_of)
 
 
@@ -182,22 +190,25 @@ def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, temperatu
 
 
 def knn_accuracy(
-    embedding: np.ndarray, labels: np.ndarray, k: int = KNN_K, temperature: float = KNN_TEMPERATURE, chunk: int = 1024
+    embedding: np.ndarray, labels: np.ndarray, k: int = KNN_K, temperature: float = KNN_TEMPERATURE
 ) -> dict[str, Any] | None:
     """Leave-one-out weighted k-NN accuracy of the labeled cells' embeddings.
 
     Why: it measures the embedding itself (what the dead-cell detector and any
     downstream clustering see) independently of the classifier head.
     """
-    known = np.flatnonzero(labels != UNLABELED)
-    if len(known) < 2:
+    labeled = np.flatnonzero(labels != UNLABELED)
+    if len(labeled) < 2:
         return None
-    x = embedding[known].astype(np.float64)
+    # quadratic in the cells: a random subsample keeps large datasets to a minute
+    known = np.sort(np.random.default_rng(0).choice(labeled, min(len(labeled), KNN_MAX_CELLS), replace=False))
+    x = embedding[known].astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     truth = labels[known].astype(np.int64)
     num_classes = int(truth.max()) + 1
     k = min(k, len(known) - 1)
     predicted = np.empty(len(truth), dtype=np.int64)
+    chunk = max(1, KNN_BLOCK_ELEMENTS // len(known))
     for start in range(0, len(truth), chunk):
         similarity = x[start : start + chunk] @ x.T
         rows = np.arange(len(similarity))
@@ -213,18 +224,19 @@ def knn_accuracy(
         "temperature": temperature,
         "protocol": KNN_PROTOCOL,
         "n_labeled": int(len(truth)),
+        "subsampled_from": int(len(labeled)) if len(known) < len(labeled) else None,
         "accuracy": float((predicted == truth).mean()),
         "balanced_accuracy": balanced_accuracy(confusion_matrix(truth, predicted, num_classes)),
     }
 
 
-def dead_cell_metrics(dead_score: np.ndarray, threshold: float, truth: np.ndarray | None) -> dict[str, Any]:
+def dead_cell_metrics(dead_score: np.ndarray, bundle: Bundle, truth: np.ndarray | None) -> dict[str, Any]:
     """What the detector flags at the bundle's threshold and, with dead/debris truth, how well it separates them."""
     from sklearn.metrics import roc_auc_score
 
-    flagged = dead_score > threshold
+    flagged = flagged_dead(dead_score, bundle)
     record: dict[str, Any] = {
-        "threshold": threshold,
+        "threshold": bundle.dead_threshold,
         "n_cells": int(len(flagged)),
         "n_flagged": int(flagged.sum()),
         "flagged_fraction": float(flagged.mean()),
@@ -276,7 +288,7 @@ def build_report(
         **classification_metrics(predictions.probabilities, labels, bundle.class_names),
         "knn": knn_accuracy(predictions.embedding, labels),
         "calibration": calibration_metrics(predictions.probabilities, labels, float(bundle.manifest["temperature"])),
-        "dead_cells": dead_cell_metrics(predictions.dead_score, bundle.dead_threshold, dead_truth(dataset)),
+        "dead_cells": dead_cell_metrics(predictions.dead_score, bundle, dead_truth(dataset)),
         "bundle": {
             "path": str(bundle.path),
             "content_hash": bundle.content_hash,
@@ -331,20 +343,20 @@ def draw_figures(
     """The report's PNGs in ``out``, by name; a figure with nothing to show is left out."""
     from trainer import plots
 
-    flagged = predictions.dead_score > bundle.dead_threshold
     figures = {
         "reliability": plots.reliability_diagram(report["calibration"], out / "reliability.png"),
         "examples": plots.example_gallery(dataset, out / "examples.png"),
         "misclassified": plots.misclassified_gallery(
             dataset, labels, predictions.probabilities, bundle.class_names, out / "misclassified.png"
         ),
-        "most_flagged": plots.flagged_gallery(dataset, predictions.dead_score, bundle.dead_threshold, out / "most_flagged.png"),
+        "most_flagged": plots.flagged_gallery(dataset, predictions.dead_score, report["dead_cells"], out / "most_flagged.png"),
     }
     mapped = embedding_map(predictions.embedding)
     if mapped is not None:
         index, coordinates = mapped
         figures["embedding_map"] = plots.embedding_map(
-            coordinates, labels[index], bundle.class_names, flagged[index], out / "embedding_map.png"
+            coordinates, labels[index], bundle.class_names, flagged_dead(predictions.dead_score[index], bundle),
+            out / "embedding_map.png",
         )
     return {name: path for name, path in figures.items() if path is not None}
 

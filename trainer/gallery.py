@@ -67,23 +67,21 @@ def write_contact_sheet(
     other commands pass their own grouping, e.g. the cells a model confused.
     Each row is labeled with its name and how many cells it holds in all.
     """
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: no global state, PNGs render with Agg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if len(dataset) == 0:
-        raise ValueError("the dataset holds no cells to show")
-    rng = np.random.default_rng(seed)
     rows = {name: np.asarray(index) for name, index in (rows or default_rows(dataset)).items() if len(index)}
+    if not rows:
+        raise ValueError("no cells to show: the dataset or every requested row is empty")
+    rng = np.random.default_rng(seed)
     ranges = display_ranges(dataset, rng)
     strips = [_strip(dataset, _pick(index, per_class, rng), ranges, per_class) for index in rows.values()]
 
     strip_height, strip_width = strips[0].shape
     width = LABEL_WIDTH + strip_width * ZOOM
     height = TITLE_HEIGHT + len(strips) * strip_height * ZOOM
-    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    cmap = colormaps["gray"].with_extremes(bad="white")
     row_height = strip_height * ZOOM / height
     for row, ((name, index), strip) in enumerate(zip(rows.items(), strips)):
         bottom = 1 - (TITLE_HEIGHT / height + (row + 1) * row_height)
@@ -97,7 +95,6 @@ def write_contact_sheet(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return path
 
 

@@ -94,14 +94,14 @@ def misclassified_gallery(
     return write_contact_sheet(dataset, path, per_class=PER_ROW, title=title, rows=rows)
 
 
-def flagged_gallery(dataset: CellDataset, dead_score: np.ndarray, threshold: float, path: Path) -> Path:
-    """The cells with the highest dead-cell scores, in rank order by rows."""
+def flagged_gallery(dataset: CellDataset, dead_score: np.ndarray, dead_cells: dict[str, Any], path: Path) -> Path:
+    """The cells with the highest dead-cell scores, in rank order by rows; ``dead_cells`` is the report's section."""
     ranked = np.argsort(-dead_score, kind="stable")[: PER_ROW * FLAGGED_ROWS]
     rows = {
         f"#{start + 1}–{start + len(part)}\nscore {dead_score[part[-1]]:.1f}–{dead_score[part[0]]:.1f}": part
         for start, part in ((row * PER_ROW, ranked[row * PER_ROW : (row + 1) * PER_ROW]) for row in range(FLAGGED_ROWS))
         if len(part)
     }
-    flagged = int((dead_score > threshold).sum())
-    title = f"highest dead-cell scores ({flagged:,} cells above the threshold {threshold:.2f} are flagged)"
+    title = (f"highest dead-cell scores ({dead_cells['n_flagged']:,} cells above the threshold "
+             f"{dead_cells['threshold']:.2f} are flagged)")
     return write_contact_sheet(dataset, path, per_class=PER_ROW, title=title, rows=rows)

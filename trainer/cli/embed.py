@@ -11,7 +11,6 @@ from flowsort.errors import UserError
 if TYPE_CHECKING:
     import numpy as np
 
-    from engines.bundle import Bundle
     from trainer.inference import Predictions
 
 FORMATS = (".npz", ".csv", ".parquet")
@@ -34,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluation import load_inputs, model_labels, run_model
+    from trainer.evaluation import IMPORT_REMEDY, flagged_dead, load_inputs, model_labels, run_model
 
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
@@ -42,21 +41,24 @@ def run(args: argparse.Namespace) -> int:
     if suffix == ".parquet":
         _require_pyarrow()
     bundle, dataset = load_inputs(args.bundle, args.dataset)
-    labels = model_labels(bundle, dataset)
+    labels = model_labels(bundle, dataset, remedy=IMPORT_REMEDY)
     predictions = run_model(bundle, dataset)
+    flagged = flagged_dead(predictions.dead_score, bundle)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
-        write_npz(args.out, bundle, dataset.object_ids, labels, predictions)
+        write_npz(args.out, bundle.class_names, dataset.object_ids, labels, predictions, flagged)
     else:
-        columns = table_columns(bundle, dataset.object_ids, labels, predictions)
+        columns = table_columns(bundle.class_names, dataset.object_ids, labels, predictions, flagged)
         (write_csv if suffix == ".csv" else write_parquet)(args.out, columns)
-    flagged = int((predictions.dead_score > bundle.dead_threshold).sum())
     print(f"wrote {args.out}: {len(dataset):,} cells, {predictions.embedding.shape[1]}-d embedding, "
-          f"{len(bundle.class_names)} class probabilities, {flagged:,} cells flagged dead")
+          f"{len(bundle.class_names)} class probabilities, {int(flagged.sum()):,} cells flagged dead")
     return 0
 
 
-def write_npz(path: Path, bundle: Bundle, object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions) -> None:
+def write_npz(
+    path: Path, class_names: tuple[str, ...], object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions,
+    flagged: np.ndarray,
+) -> None:
     """Arrays by name; ``labels`` index ``class_names`` (the model's), -1 for unlabeled cells."""
     import numpy as np
 
@@ -67,23 +69,25 @@ def write_npz(path: Path, bundle: Bundle, object_ids: np.ndarray, labels: np.nda
         embedding=predictions.embedding,
         probabilities=predictions.probabilities,
         dead_score=predictions.dead_score,
-        dead_flag=predictions.dead_score > bundle.dead_threshold,
-        class_names=np.array(bundle.class_names),
+        dead_flag=flagged,
+        class_names=np.array(class_names),
     )
 
 
-def table_columns(bundle: Bundle, object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions) -> dict[str, np.ndarray]:
+def table_columns(
+    class_names: tuple[str, ...], object_ids: np.ndarray, labels: np.ndarray, predictions: Predictions, flagged: np.ndarray
+) -> dict[str, np.ndarray]:
     """One column per field for the row formats: names for labels (empty when unlabeled), p_<class>, emb_<i>."""
     import numpy as np
 
-    names = np.array([*bundle.class_names, ""])  # label -1 (unlabeled) picks the trailing empty name
+    names = np.array([*class_names, ""])  # label -1 (unlabeled) picks the trailing empty name
     columns = {
         "object_id": object_ids,
         "label": names[labels],
         "predicted": names[predictions.probabilities.argmax(axis=1)],
-        **{f"p_{name}": predictions.probabilities[:, k] for k, name in enumerate(bundle.class_names)},
+        **{f"p_{name}": predictions.probabilities[:, k] for k, name in enumerate(class_names)},
         "dead_score": predictions.dead_score,
-        "dead_flag": predictions.dead_score > bundle.dead_threshold,
+        "dead_flag": flagged,
     }
     columns.update({f"emb_{i}": predictions.embedding[:, i] for i in range(predictions.embedding.shape[1])})
     return columns

@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--patience", type=int, default=10, help="epochs without improvement before stopping")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="stratified validation share (default 0.2)")
     parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation before the final model")
+    parser.add_argument("--cv-merge", action="append", default=[], metavar="A,B=NEW",
+                        help="also report cross-validation with these classes merged (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--val-fraction must be between 0 and 1")
     if args.folds == 1 or args.folds < 0:
         raise UserError("--folds must be 0 (no cross-validation) or at least 2")
+    if args.cv_merge and not args.folds:
+        raise UserError("--cv-merge reports cross-validation: give --folds K as well")
     if not 0 < args.dead_quantile < 1:
         raise UserError("--dead-quantile must be between 0 and 1")
     dataset = apply_merges(read_dataset(args.dataset), args.merge)
@@ -74,10 +78,13 @@ def run(args: argparse.Namespace) -> int:
 
     extra = {}
     if args.folds:
-        extra["cross_validation"] = cross_validate(dataset, labeled, args.folds, config, checkpoints, args.resume)
-        cv = extra["cross_validation"]
-        print(f"{args.folds}-fold cross-validation: accuracy {cv['accuracy']['mean']:.4f} ± {cv['accuracy']['sd']:.4f}, "
-              f"balanced accuracy {cv['balanced_accuracy']['mean']:.4f} ± {cv['balanced_accuracy']['sd']:.4f}")
+        cv = cross_validate(dataset, labeled, args.folds, config, checkpoints, args.resume, args.cv_merge)
+        extra["cross_validation"] = cv
+        for title, block in (("", cv), (" (merged)", cv.get("merged"))):
+            if block:
+                print(f"{args.folds}-fold cross-validation{title}: accuracy {block['accuracy']['mean']:.4f} ± "
+                      f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
+                      f"{block['balanced_accuracy']['sd']:.4f}")
 
     train_part, val_part = stratified_split(dataset.labels[labeled], args.val_fraction, args.seed)
     train_index, val_index = labeled[train_part], labeled[val_part]
