@@ -34,11 +34,6 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07
 KNN_MAX_CELLS = 20_000
 KNN_BLOCK_ELEMENTS = 1 << 24  # similarities held at once (64 MiB of float32)
-KNN_PROTOCOL = (
-    "weighted k-NN, leave-one-out within the dataset on labeled cells: cosine similarity, "
-    "the k most similar other cells vote with weight exp(similarity / 0.07) "
-    "(the DINO / self-supervised cell-imaging protocol)"
-)
 MAP_MAX_CELLS = 3000  # t-SNE is quadratic in memory and slow beyond a few thousand points
 MAP_PCA_DIMS = 50
 MAP_MIN_CELLS = 10
@@ -222,7 +217,11 @@ def knn_accuracy(
     return {
         "k": k,
         "temperature": temperature,
-        "protocol": KNN_PROTOCOL,
+        "protocol": (
+            f"weighted k-NN, leave-one-out within the dataset on labeled cells: cosine similarity, the {k} most "
+            f"similar other cells vote with weight exp(similarity / {temperature:g}) "
+            "(the DINO / self-supervised cell-imaging protocol)"
+        ),
         "n_labeled": int(len(truth)),
         "subsampled_from": int(len(labeled)) if len(known) < len(labeled) else None,
         "accuracy": float((predicted == truth).mean()),
