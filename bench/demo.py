@@ -62,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"\n==> Reusing the model in {bundle} (--retrain trains a new one)")
     step("Evaluating on the test acquisition",
-         ["evaluate", str(bundle), str(test_set), "--merge", INTERPHASE_MERGE, "-o", str(out / "report")])
+         ["evaluate", str(bundle), str(test_set), "-o", str(out / "report")])
     print(f"\nDone. Contact sheet: {out / 'synthetic-gallery.png'}\n      Report:        {out / 'report' / 'report.html'}")
     return 0

@@ -27,7 +27,7 @@ from flowsort.errors import UserError
 from trainer.calibration import expected_calibration_error, reliability
 from trainer.dataset import UNLABELED, CellDataset, read_dataset
 from trainer.inference import Predictions, check_compatible, load_deployed, predict
-from trainer.merges import merged_classes
+from trainer.merges import apply_merges, merged_classes, parse_merge
 
 PREDICT_CHUNK = 4096  # cells read from the memory-mapped dataset per step of the progress bar
 KNN_K = 20
@@ -72,11 +72,22 @@ class Merge:
 def load_inputs(bundle_path: str | Path, dataset_path: str | Path) -> tuple[Bundle, CellDataset]:
     """The verified bundle and the dataset, refused when the model cannot read its cells."""
     bundle = load_bundle(bundle_path)
-    dataset = read_dataset(dataset_path)
+    dataset = as_trained(bundle, read_dataset(dataset_path))
     check_compatible(bundle, dataset)
     if len(dataset) == 0:
         raise UserError(f"dataset {dataset_path} holds no cells")
     return bundle, dataset
+
+
+def as_trained(bundle: Bundle, dataset: CellDataset) -> CellDataset:
+    """The dataset labeled as the model was trained: the bundle's own training merges applied.
+
+    A 5-class model (G1, S_phase and G2 merged into Interphase) then evaluates
+    directly on a 7-stage dataset, without the user repeating the merge.
+    """
+    present = set(dataset.class_names)
+    merges = [spec for spec in bundle.manifest["provenance"].get("dataset_merges", []) if set(parse_merge(spec)[0]) <= present]
+    return apply_merges(dataset, merges)
 
 
 def run_model(bundle: Bundle, dataset: CellDataset, chunk: int = PREDICT_CHUNK) -> Predictions:
