@@ -100,7 +100,8 @@ def reference(bundle: Bundle, fresh_cells: np.ndarray) -> Outputs:
     """The torch f32 module the ONNX was exported from, run plainly."""
     from trainer.inference import load_deployed, predict
 
-    return Outputs(*predict(load_deployed(bundle), fresh_cells))
+    predicted = predict(load_deployed(bundle), fresh_cells)
+    return Outputs(predicted.probabilities, predicted.embedding, predicted.dead_score)
 
 
 def loaded(bundle: Bundle, name: str, precision: str) -> engines.Engine:
@@ -117,7 +118,9 @@ def loaded(bundle: Bundle, name: str, precision: str) -> engines.Engine:
 
 
 @pytest.mark.parametrize(("name", "precision"), COMBINATIONS, ids=[f"{n}-{p}" for n, p in COMBINATIONS])
-def test_parity_with_torch_f32(bundle: Bundle, fresh_cells: np.ndarray, reference: Outputs, name: str, precision: str) -> None:
+def test_parity_with_torch_f32(
+    bundle: Bundle, fresh_cells: np.ndarray, reference: Outputs, name: str, precision: str
+) -> None:
     with loaded(bundle, name, precision) as engine:
         assert (engine.name, engine.precision) == (name, precision)
         whole = [engine.infer(fresh_cells[:MAX_BATCH]) for _ in range(DEPTH)]  # views of every buffer set, entire
@@ -130,7 +133,8 @@ def test_parity_with_torch_f32(bundle: Bundle, fresh_cells: np.ndarray, referenc
                     array.fill(np.nan)
             out = engine.infer(fresh_cells[start : start + n])
             assert all(len(array) == n and np.isfinite(array).all() for array in out), f"unwritten output at batch {n}"
-            assert any(np.shares_memory(out.probabilities, views.probabilities) for views in whole), "not a view of the buffers"
+            in_place = any(np.shares_memory(out.probabilities, views.probabilities) for views in whole)
+            assert in_place, "the outputs are not views of the engine's buffers"
             for store, array in zip(got, out):
                 store[start : start + n] = array
             start, turn = start + n, turn + 1
@@ -239,6 +243,8 @@ def test_submit_and_collect_pipeline_two_batches(bundle: Bundle, fresh_cells: np
         first, second = fresh_cells[:5], fresh_cells[5:16]
         expected = [engine.infer(first).probabilities.copy(), engine.infer(second).probabilities.copy()]
         engine.submit(first)
+        with pytest.raises(RuntimeError, match="collect"):
+            engine.infer(second)
         engine.submit(second)
         with pytest.raises(RuntimeError, match="in flight"):
             engine.submit(first)

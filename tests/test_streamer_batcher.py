@@ -1,0 +1,178 @@
+"""The deadline-aware micro-batcher, on a fake clock (integer ns)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.batcher import NEVER, Batcher, Marker, Planner, Segment
+
+US = 1_000
+MS = 1_000_000
+SIZES = (1, 2, 4, 8)
+
+
+def linear_costs(sizes=SIZES, fixed=200 * US, per_cell=50 * US) -> dict[int, float]:
+    return {s: fixed + per_cell * s for s in sizes}
+
+
+def segment(first_id: int, n: int, arrival: int, deadline: int | list[int] = NEVER, acq: str = "a") -> Segment:
+    ids = np.arange(first_id, first_id + n, dtype=np.uint64)
+    pixels = np.full((n, 2, 4, 4), first_id, np.uint16)
+    deadlines = np.broadcast_to(np.asarray(deadline, np.int64), (n,)).copy()
+    return Segment(acq, ids, pixels, arrival, deadlines)
+
+
+def batcher(max_delay=1 * MS, capacity=64, overload="drop_oldest", costs=None) -> Batcher:
+    return Batcher(Planner(SIZES, costs or linear_costs()), max_delay, capacity, overload)
+
+
+def ids_of(batch) -> list[int]:
+    return [int(i) for piece in batch.pieces for i in piece.segment.event_ids[piece.index]]
+
+
+def test_waits_max_delay_for_company_then_merges_small_messages() -> None:
+    b = batcher()
+    assert b.due(0) is None
+    b.add(segment(0, 1, arrival=0))
+    assert b.due(10 * US) == 1 * MS  # the oldest cell's wait runs out at max_delay
+    b.add(segment(1, 1, arrival=300 * US))
+    b.add(segment(2, 1, arrival=600 * US))
+    assert b.due(700 * US) == 1 * MS
+    batch = b.take(1 * MS)
+    # three cells: two batches (2 + 1) cost 850 us, a padded 4 costs 400 us: pad
+    assert ids_of(batch) == [0, 1, 2] and batch.cells == 3 and batch.size == 4
+    assert len(b) == 0 and b.due(2 * MS) is None
+
+
+def test_full_batch_is_due_at_once_and_large_messages_split() -> None:
+    b = batcher()
+    b.add(segment(0, 19, arrival=0))
+    assert b.due(0) == 0
+    sizes = []
+    while len(b):
+        batch = b.take(0)
+        sizes.append(batch.cells)
+        assert batch.size in SIZES and batch.size >= batch.cells
+    assert sizes[:2] == [8, 8] and sum(sizes) == 19
+
+
+def test_planner_follows_measured_costs() -> None:
+    # An engine for which 8 is slow per cell: the planner prefers 4 + 4.
+    planner = Planner(SIZES, {1: 100, 2: 150, 4: 200, 8: 1000})
+    assert planner.size_for(8) == 4 and planner.size_for(3) == 4 and planner.size_for(100) == 4
+    cheap_big = Planner(SIZES, {1: 100, 2: 190, 4: 380, 8: 500})
+    assert cheap_big.size_for(8) == 8
+    assert cheap_big.size_for(2) == 2 and cheap_big.size_for(1) == 1
+    assert planner.pad_size(3) == 4 and planner.pad_size(5) == 8
+
+
+def test_planner_updates_from_observations() -> None:
+    planner = Planner(SIZES, {1: 100, 2: 150, 4: 200, 8: 300})
+    assert planner.size_for(8) == 8
+    for _ in range(256):
+        planner.observe(8, 10_000)
+    assert planner.size_for(8) == 4
+
+
+def test_deadline_brings_the_batch_forward() -> None:
+    b = batcher(max_delay=5 * MS)
+    b.add(segment(0, 1, arrival=0, deadline=2 * MS))
+    # a batch of 1 costs 250 us: it must start by 1.75 ms, before max_delay
+    assert b.due(0) == 2 * MS - 250 * US
+    # cells busy in the engine push it earlier still
+    assert b.due(0, backlog_ns=1 * MS) == 2 * MS - 1250 * US
+
+
+def test_a_busy_engine_lets_the_batch_grow() -> None:
+    b = batcher(max_delay=1 * MS)
+    b.add(segment(0, 1, arrival=0))
+    # engine busy for 3 more ms: not due at max_delay, shortly before the engine frees up
+    assert b.due(0, backlog_ns=3 * MS) == 3 * MS - b.lead_ns
+    assert b.due(0) == 1 * MS
+
+
+def test_expired_cells_are_not_run() -> None:
+    b = batcher()
+    b.add(segment(0, 4, arrival=0, deadline=[5 * MS, 1 * MS, 5 * MS, 1 * MS]))
+    batch = b.take(2 * MS)
+    assert ids_of(batch) == [0, 2] and batch.cells == 2 and batch.size == 2
+    expired = [int(i) for piece in batch.expired for i in piece.segment.event_ids[piece.index]]
+    assert expired == [1, 3]
+
+
+def test_marker_flushes_and_follows_earlier_cells() -> None:
+    b = batcher(max_delay=50 * MS)
+    b.add(segment(0, 3, arrival=0, acq="a"))
+    end = Marker("end of a")
+    b.add_marker(end)
+    b.add(segment(3, 1, arrival=0, acq="b"))
+    assert b.due(0) == 0  # an end of acquisition does not wait for company
+    batch = b.take(0)
+    assert ids_of(batch) == [0, 1, 2] and batch.markers == [end]
+    batch = b.take(0)
+    assert ids_of(batch) == [3] and batch.markers == []
+
+
+def test_marker_alone_passes() -> None:
+    b = batcher()
+    marker = Marker("x")
+    b.add_marker(marker)
+    assert b.due(0) == 0
+    batch = b.take(0)
+    assert batch.cells == 0 and batch.markers == [marker] and b.due(0) is None
+
+
+def test_draining_runs_everything_now() -> None:
+    b = batcher(max_delay=50 * MS)
+    b.add(segment(0, 1, arrival=0))
+    assert b.due(0) == 50 * MS
+    b.draining = True
+    assert b.due(0) == 0
+
+
+def test_overload_drop_oldest_keeps_the_bound() -> None:
+    b = batcher(capacity=10)
+    assert b.add(segment(0, 6, arrival=0)) == (True, [])
+    accepted, dropped = b.add(segment(6, 6, arrival=1))
+    assert accepted and len(b) == 10
+    assert [int(i) for piece in dropped for i in piece.segment.event_ids[piece.index]] == [0, 1]
+    taken = []
+    while len(b):
+        taken += ids_of(b.take(10 * MS))
+    assert taken == list(range(2, 12))
+
+
+def test_overload_refuse_turns_the_new_message_away() -> None:
+    b = batcher(capacity=10, overload="refuse")
+    b.add(segment(0, 6, arrival=0))
+    accepted, refused = b.add(segment(6, 6, arrival=1))
+    assert not accepted and len(b) == 6
+    assert [int(i) for piece in refused for i in piece.segment.event_ids[piece.index]] == list(range(6, 12))
+
+
+def test_queue_never_exceeds_capacity_under_any_arrivals() -> None:
+    rng = np.random.default_rng(0)
+    b = batcher(capacity=50)
+    now, next_id, answered = 0, 0, 0
+    for _ in range(2000):
+        n = int(rng.integers(1, 12))
+        _, dropped = b.add(segment(next_id, n, arrival=now, deadline=now + 3 * MS))
+        next_id += n
+        answered += sum(piece.count for piece in dropped)
+        assert len(b) <= 50
+        now += int(rng.integers(0, 200 * US))
+        due = b.due(now)
+        if due is not None and due <= now and rng.random() < 0.5:
+            batch = b.take(now)
+            answered += batch.cells + sum(piece.count for piece in batch.expired)
+    b.draining = True
+    while b.due(now) is not None:
+        batch = b.take(now)
+        answered += batch.cells + sum(piece.count for piece in batch.expired)
+    assert answered == next_id  # every cell run, expired or dropped: none lost
+
+
+def test_bad_overload_name() -> None:
+    with pytest.raises(ValueError):
+        Batcher(Planner(SIZES), 0, 10, "panic")
