@@ -67,6 +67,17 @@ def test_planner_follows_measured_costs() -> None:
     assert planner.pad_size(3) == 4 and planner.pad_size(5) == 8
 
 
+def test_no_waiting_where_batching_does_not_pay() -> None:
+    flat = Planner(SIZES, {1: 100, 2: 200, 4: 400, 8: 800})  # every cell costs the same at any batch size
+    assert not flat.batching_pays
+    b = Batcher(flat, 5 * MS, 64)
+    b.add(segment(0, 1, arrival=0))
+    assert b.due(10) == 0  # due at its arrival: waiting for company would only add latency
+    b.adaptive_delay = False
+    assert b.due(10) == 5 * MS
+    assert Planner(SIZES, linear_costs()).batching_pays
+
+
 def test_planner_updates_from_observations() -> None:
     planner = Planner(SIZES, {1: 100, 2: 150, 4: 200, 8: 300})
     assert planner.size_for(8) == 8

@@ -7,6 +7,7 @@ and looks at metric deltas); overload runs on a second one with a tiny queue.
 from __future__ import annotations
 
 import itertools
+import threading
 import math
 import time
 from collections import Counter
@@ -48,9 +49,9 @@ def cells() -> np.ndarray:
 
 
 class Harness:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, read_push: bool = True) -> None:
         self.service = service
-        self.push = Receiver(service.endpoints["push"], "pull")
+        self.push = Receiver(service.endpoints["push"], "pull") if read_push else None
         self.pub = Receiver(service.endpoints["pub"], "sub")
         self.sender = Sender(service.endpoints["ingest"])
         self.health = service.endpoints["health"]
@@ -60,7 +61,8 @@ class Harness:
         """Ping until both decision consumers are connected (PUSH drops while no peer is)."""
         for nonce in range(200):
             self.sender.ping(nonce)
-            if self.push.wait_other("pong", 0.05, nonce=nonce) and self.pub.wait_other("pong", 0.05, nonce=nonce):
+            if self.pub.wait_other("pong", 0.05, nonce=nonce) and (
+                    self.push is None or self.push.wait_other("pong", 0.05, nonce=nonce)):
                 return
         raise TimeoutError("decision sockets never connected")
 
@@ -69,7 +71,8 @@ class Harness:
 
     def close(self) -> None:
         self.sender.close(linger=0)
-        self.push.close()
+        if self.push is not None:
+            self.push.close()
         self.pub.close()
         self.service.stop()
 
@@ -398,6 +401,27 @@ def test_engine_failure_answers_the_batch_and_repeated_failures_make_not_ready(s
     assert delta(after, before, f'flowsort_cells_failed_total{{reason="{Reason.ENGINE_ERROR}"}}') == 6
 
 
+def test_an_unexpected_error_costs_one_batch_not_the_service(served: Harness, cells: np.ndarray) -> None:
+    policy = served.service.model.policy
+
+    def boom(*_: object) -> None:
+        raise ValueError("a bug")
+
+    object.__setattr__(policy, "decide", boom)  # frozen dataclass: an instance attribute shadows the method
+    try:
+        ids = new_ids(3)
+        served.sender.cells("acq-bug", ids, cells[:3], CHANNELS)
+        assert served.push.wait_for(ids, 20)
+        assert {served.push.rows[int(e)]["error"] for e in ids} == {Reason.ENGINE_ERROR}
+    finally:
+        object.__delattr__(policy, "decide")
+    ids = new_ids(3)
+    served.sender.cells("acq-bug", ids, cells[:3], CHANNELS)
+    assert served.push.wait_for(ids, 20)
+    assert {served.push.rows[int(e)]["error"] for e in ids} == {""}
+    assert served.service.dispatcher.is_alive()
+
+
 def test_health_endpoints(served: Harness) -> None:
     from streamer.testing import get
 
@@ -416,7 +440,6 @@ def overloaded(quick_bundle: Path) -> Harness:
         ingest={"max_cells_per_message": 64},
         batching={"queue_cells": 64, "batch_sizes": [1, 2, 4, 8, 16, 32, 64], "max_delay_us": 1000.0},
         deadline={"budget_us": 0.0},
-        push={"hwm": 1},
     )
     harness = Harness(Service(quick_bundle, config).start())
     yield harness
@@ -462,23 +485,88 @@ def test_overload_refuse(overloaded: Harness, cells: np.ndarray) -> None:
             dispatcher.batcher.overload = "drop_oldest"
 
 
-def test_slow_consumer_never_stalls_inference(overloaded: Harness, cells: np.ndarray) -> None:
-    # A sorter that connects and never reads: its queues fill, sends are dropped and counted,
-    # and decisions still flow to the monitor (PUB) at full speed.
+def test_absent_or_slow_consumer_never_stalls_inference(quick_bundle: Path, cells: np.ndarray) -> None:
+    config = make_config(push={"hwm": 1}, batching={"max_delay_us": 200.0}, deadline={"budget_us": 0.0})
+    harness = Harness(Service(quick_bundle, config).start(), read_push=False)
     context = zmq.Context()
-    stalled = context.socket(zmq.PULL)
-    stalled.setsockopt(zmq.RCVHWM, 1)
-    stalled.setsockopt(zmq.RCVBUF, 4096)
-    stalled.connect(overloaded.service.endpoints["push"])
     try:
+        # No sorter connected: every decision message to it is dropped and counted, none waits.
+        before = harness.metrics()
+        ids = new_ids(100)
+        for k in range(0, 100, 4):
+            harness.sender.cells("acq-absent", ids[k:k + 4], cells[:4], CHANNELS)
+        assert harness.pub.wait_for(ids, 30)
+        after = harness.metrics()
+        assert delta(after, before, 'flowsort_decisions_dropped_total{socket="push"}') == 100
+        assert delta(after, before, 'flowsort_decision_messages_sent_total{socket="pub"}') >= 1
+
+        # A sorter that connects and never reads: its buffers fill, then sends drop; decisions keep
+        # flowing to the monitor (PUB) without waiting for it.
+        stalled = context.socket(zmq.PULL)
+        stalled.setsockopt(zmq.RCVHWM, 1)
+        stalled.setsockopt(zmq.RCVBUF, 4096)
+        stalled.connect(harness.service.endpoints["push"])
         time.sleep(0.2)
-        before = overloaded.metrics()
-        ids = new_ids(600)
-        for k in range(0, 600, 4):
-            overloaded.sender.cells("acq-slow", ids[k:k + 4], cells[:4], CHANNELS)
-        assert overloaded.pub.wait_for(ids, 60)
-        after = overloaded.metrics()
-        assert delta(after, before, "flowsort_decisions_dropped_total{socket=\"push\"}") > 0
-        assert delta(after, before, "flowsort_cells_received_total") == 600
+        before = harness.metrics()
+        ids = new_ids(400)
+        for k in range(0, 400, 4):
+            harness.sender.cells("acq-slow", ids[k:k + 4], cells[:4], CHANNELS)
+        assert harness.pub.wait_for(ids, 60)
+        after = harness.metrics()
+        assert delta(after, before, "flowsort_cells_received_total") == 400
+        assert all(harness.pub.rows[int(e)]["error"] == "" for e in ids)
+        sent = delta(after, before, 'flowsort_decision_messages_sent_total{socket="push"}')
+        dropped = delta(after, before, 'flowsort_decisions_dropped_total{socket="push"}')
+        assert sent + dropped > 0
     finally:
         context.destroy(linger=0)
+        harness.close()
+
+
+def test_reload_in_process_keeps_serving_and_a_bad_config_changes_nothing(served: Harness, cells: np.ndarray,
+                                                                          tmp_path: Path) -> None:
+    service = served.service
+    engine_before = service.model.engine
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[batching]\nmax_delay_us = -5\n")
+    service.config_path = bad_config
+    try:
+        assert service.reload() is False
+        assert service.model.engine is engine_before
+        service.config_path = None  # reload the running config and the bundle again
+        ids = new_ids(30)
+        sender = threading.Thread(target=lambda: [
+            served.sender.cells("acq-reload", [e], cells[k], CHANNELS) or time.sleep(0.005)
+            for k, e in enumerate(ids)])
+        sender.start()
+        assert service.reload() is True
+        sender.join()
+        assert service.model.engine is not engine_before
+        assert served.push.wait_for(ids, 20)
+        assert all(served.push.rows[int(e)]["error"] == "" for e in ids)
+        counts = served.metrics()
+        assert counts['flowsort_reloads_total{result="ok"}'] >= 1
+        assert counts['flowsort_reloads_total{result="failed"}'] >= 1
+    finally:
+        service.config_path = None
+
+
+def test_runtime_never_imports_torch(quick_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    from streamer.testing import engine_for_tests
+
+    if engine_for_tests() != "openvino":
+        pytest.skip("only the torch engine runs here")
+    code = (
+        "import sys\n"
+        "import streamer, streamer.service, streamer.cli, streamer.client, streamer.recording\n"
+        "from streamer.service import Service\n"
+        "from streamer.testing import make_config\n"
+        "service = Service(sys.argv[1], make_config(engine={'engine': 'openvino'})).start()\n"
+        "service.stop()\n"
+        "assert 'torch' not in sys.modules, 'the runtime path imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(quick_bundle)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

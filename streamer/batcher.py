@@ -1,0 +1,292 @@
+"""Deadline-aware micro-batching, in the manner of Triton's dynamic batcher.
+
+Pure logic on a caller's clock (integer nanoseconds), so it is tested with a
+fake one. Cells arrive in :class:`Segment` s (one per ingest message, 1 to
+thousands of cells); the batcher queues them in arrival order and says when a
+batch is due and which cells it holds:
+
+* a batch is due when the queue holds the largest batch size, when the oldest
+  queued cell has waited ``max_delay`` (at once on an engine for which bigger
+  batches cost as much per cell), or when waiting longer would make the
+  earliest deadline among the cells of the next batch impossible to meet given
+  the engine's measured time for that batch (plus whatever is still running);
+  an end-of-acquisition :class:`Marker` or draining makes everything due now;
+* a batch merges small segments and splits large ones; its size comes from the
+  :class:`Planner`, which knows what each allowed batch size costs on this
+  engine and picks the first step of the plan that clears the queue soonest
+  (padding up to an allowed size where that is cheaper than two batches);
+* cells whose deadline has already passed are not run: they come back as
+  ``expired`` to be answered late at once;
+* the queue is bounded in cells: when full, ``drop_oldest`` evicts the oldest
+  cells to make room and ``refuse`` turns the new segment away; either way the
+  caller gets the cells back to answer them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+NEVER = (1 << 63) - 1  # a deadline that never comes
+EWMA = 0.1  # weight of a new engine time measurement
+RESOLVE_EVERY = 64  # measurements between two re-plans
+BATCHING_GAIN = 0.9  # a bigger batch must cost at most this share per cell to be worth waiting for
+LEAD_NS = 100_000  # a batch for a busy engine is formed this long before the engine should be free
+
+
+class Planner:
+    """Batch sizes to run for a queue of q cells, from the measured cost of each allowed size.
+
+    ``clear[q]`` is the least time to run q cells as a sequence of allowed batches and
+    ``first[q]`` the size of that sequence's first batch (dynamic programming over q).
+    """
+
+    def __init__(self, sizes: Sequence[int], costs_ns: dict[int, float] | None = None) -> None:
+        self.sizes = tuple(sorted(set(int(s) for s in sizes)))
+        if not self.sizes or self.sizes[0] < 1:
+            raise ValueError(f"batch sizes must be positive, got {sizes}")
+        self.max_size = self.sizes[-1]
+        # Without measurements: a fixed overhead and a per-cell cost, so bigger batches pay off.
+        self.costs = {s: float((costs_ns or {}).get(s, 200_000 + 50_000 * s)) for s in self.sizes}
+        self._updates = 0
+        self._pad = [0] * (self.max_size + 1)
+        for q in range(self.max_size, 0, -1):
+            self._pad[q] = next(s for s in self.sizes if s >= q)
+        self.solve()
+
+    def solve(self) -> None:
+        m = self.max_size
+        clear = [0.0] * (m + 1)
+        first = [0] * (m + 1)
+        for q in range(1, m + 1):
+            best, best_size = math.inf, self.sizes[0]
+            for s in self.sizes:
+                cost = self.costs[s] + clear[max(0, q - s)]
+                if cost < best * (1 - 1e-9):
+                    best, best_size = cost, s
+                if s >= q:
+                    break  # larger sizes only pad more
+            clear[q], first[q] = best, best_size
+        self.clear, self.first = clear, first
+        # Waiting for company only makes sense where a bigger batch costs less per cell.
+        single = self.costs[self.sizes[0]] / self.sizes[0]
+        self.batching_pays = any(self.costs[s] / s < BATCHING_GAIN * single for s in self.sizes[1:])
+
+    def size_for(self, queued: int) -> int:
+        """The batch size to run next with ``queued`` cells waiting."""
+        return self.first[min(queued, self.max_size)] if queued > 0 else 0
+
+    def pad_size(self, cells: int) -> int:
+        """The smallest allowed size holding ``cells`` cells."""
+        return self._pad[min(cells, self.max_size)]
+
+    def cost(self, size: int) -> float:
+        return self.costs[size]
+
+    def observe(self, size: int, elapsed_ns: float) -> None:
+        """Fold in a measured engine time for a batch of ``size`` (an allowed size)."""
+        if size not in self.costs:
+            return
+        self.costs[size] += EWMA * (elapsed_ns - self.costs[size])
+        self._updates += 1
+        if self._updates % RESOLVE_EVERY == 0:
+            self.solve()
+
+
+@dataclass(eq=False, slots=True)
+class Segment:
+    """Cells of one ingest message still to run; ``pos`` is how many were taken or dropped."""
+
+    acquisition: str
+    event_ids: np.ndarray  # uint64 [n]
+    pixels: np.ndarray  # uint16 [n, C, S, S] (a view of the received frame where possible)
+    arrival_ns: int  # receipt, on the service's clock
+    deadlines: np.ndarray  # int64 [n], service clock
+    pos: int = 0
+    min_deadline: int = -1  # computed from deadlines unless given
+
+    def __post_init__(self) -> None:
+        if self.min_deadline < 0:
+            self.min_deadline = int(self.deadlines.min()) if len(self.deadlines) else NEVER
+
+    @property
+    def remaining(self) -> int:
+        return len(self.event_ids) - self.pos
+
+
+@dataclass(eq=False, slots=True)
+class Marker:
+    """Something that must pass through after every cell queued before it (an end of acquisition)."""
+
+    payload: Any
+
+
+@dataclass(slots=True)
+class Piece:
+    """Cells of one segment: ``index`` is a slice or an index array into the segment."""
+
+    segment: Segment
+    index: Any
+
+    @property
+    def count(self) -> int:
+        if isinstance(self.index, slice):
+            return self.index.stop - self.index.start
+        return len(self.index)
+
+
+@dataclass(slots=True)
+class Batch:
+    """What to do now: run ``pieces`` (``cells`` cells) as an engine batch of ``size``; answer
+    ``expired`` late; then pass ``markers`` on after this batch's decisions."""
+
+    pieces: list[Piece] = field(default_factory=list)
+    cells: int = 0
+    size: int = 0
+    expired: list[Piece] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(self, planner: Planner, max_delay_ns: int, capacity: int, overload: str = "drop_oldest",
+                 adaptive_delay: bool = True) -> None:
+        if overload not in ("drop_oldest", "refuse"):
+            raise ValueError(f"overload must be drop_oldest or refuse, got {overload!r}")
+        self.planner = planner
+        self.max_delay_ns = int(max_delay_ns)
+        self.adaptive_delay = adaptive_delay
+        self.capacity = int(capacity)
+        self.overload = overload
+        self.queue: deque[Segment | Marker] = deque()
+        self.queued = 0  # cells
+        self.markers = 0
+        self.draining = False
+        self.lead_ns = LEAD_NS
+        self._head_deadline: int | None = None  # min deadline over the next batch's cells (cache)
+
+    # ------------------------------------------------------------------ arrivals
+
+    def add(self, segment: Segment) -> tuple[bool, list[Piece]]:
+        """Queue ``segment``. Returns (accepted, cells to answer as dropped or refused)."""
+        n = segment.remaining
+        if n <= 0:
+            return True, []
+        dropped: list[Piece] = []
+        if self.queued + n > self.capacity:
+            if self.overload == "refuse" or n > self.capacity:
+                return False, [Piece(segment, slice(segment.pos, len(segment.event_ids)))]
+            dropped = self._evict(self.queued + n - self.capacity)
+        if self._head_deadline is not None and self.queued < self.planner.max_size:
+            self._head_deadline = min(self._head_deadline, segment.min_deadline)
+        self.queue.append(segment)
+        self.queued += n
+        return True, dropped
+
+    def add_marker(self, marker: Marker) -> None:
+        self.queue.append(marker)
+        self.markers += 1
+
+    def _evict(self, cells: int) -> list[Piece]:
+        """Drop the ``cells`` oldest queued cells (markers stay in place)."""
+        dropped: list[Piece] = []
+        kept: deque[Segment | Marker] = deque()
+        while cells > 0 and self.queue:
+            item = self.queue.popleft()
+            if isinstance(item, Marker):
+                kept.append(item)
+                continue
+            take = min(cells, item.remaining)
+            dropped.append(Piece(item, slice(item.pos, item.pos + take)))
+            item.pos += take
+            cells -= take
+            self.queued -= take
+            if item.remaining:
+                kept.append(item)
+        self.queue.extendleft(reversed(kept))
+        self._head_deadline = None
+        return dropped
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _head_min_deadline(self) -> int:
+        """The earliest deadline among the cells the next batch would take (cached)."""
+        if self._head_deadline is None:
+            best, seen = NEVER, 0
+            for item in self.queue:
+                if isinstance(item, Marker):
+                    continue
+                best = min(best, item.min_deadline)
+                seen += item.remaining
+                if seen >= self.planner.max_size:
+                    break
+            self._head_deadline = best
+        return self._head_deadline
+
+    def _oldest_arrival(self) -> int:
+        for item in self.queue:
+            if isinstance(item, Segment):
+                return item.arrival_ns
+        return NEVER
+
+    def due(self, now: int, backlog_ns: float = 0.0) -> int | None:
+        """When the next batch should start (<= now: at once), or None with nothing queued.
+
+        ``backlog_ns``: the engine time still ahead of a batch started now (batches in flight);
+        while it lasts, a batch is not due for its delay alone (it keeps growing instead).
+        """
+        if not self.queue:
+            return None
+        if self.queued == 0 or self.draining or self.markers or self.queued >= self.planner.max_size:
+            return now
+        size = self.planner.size_for(self.queued)
+        wait = self.max_delay_ns if self.planner.batching_pays or not self.adaptive_delay else 0
+        by_delay = self._oldest_arrival() + wait
+        if backlog_ns > 0:
+            # The engine is busy: committing a batch now would only fix its size early. Let it grow until the
+            # engine is about free, unless a deadline says otherwise.
+            by_delay = max(by_delay, now + int(backlog_ns) - self.lead_ns)
+        by_deadline = self._head_min_deadline() - int(self.planner.cost(size) + backlog_ns)
+        return min(by_delay, by_deadline)
+
+    def take(self, now: int) -> Batch:
+        """The cells of the next batch, taken off the queue (call when ``due`` says so)."""
+        batch = Batch()
+        want = min(self.planner.size_for(self.queued), self.queued)
+        while self.queue and batch.cells < want:
+            item = self.queue[0]
+            if isinstance(item, Marker):
+                self.queue.popleft()
+                self.markers -= 1
+                batch.markers.append(item)
+                break
+            start = item.pos
+            stop = start + min(item.remaining, want - batch.cells)
+            item.pos = stop
+            self.queued -= stop - start
+            if item.min_deadline > now:
+                batch.pieces.append(Piece(item, slice(start, stop)))
+                batch.cells += stop - start
+            else:
+                late = item.deadlines[start:stop] <= now
+                good = np.flatnonzero(~late) + start
+                if len(good):
+                    batch.pieces.append(Piece(item, good))
+                    batch.cells += len(good)
+                batch.expired.append(Piece(item, np.flatnonzero(late) + start))
+            if not item.remaining:
+                self.queue.popleft()
+        # Markers now at the head follow this batch: nothing queued before them is left.
+        while self.queue and isinstance(self.queue[0], Marker):
+            batch.markers.append(self.queue.popleft())
+            self.markers -= 1
+        self._head_deadline = None
+        batch.size = self.planner.pad_size(batch.cells) if batch.cells else 0
+        return batch
+
+    def __len__(self) -> int:
+        return self.queued

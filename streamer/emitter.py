@@ -1,0 +1,256 @@
+"""The decision sender: one thread owning the PUSH (sorter controller) and PUB (monitors) sockets.
+
+Everything that leaves the service passes through :meth:`Emitter.post` as a
+:class:`DecisionBlock` (decisions or errors for cells of one acquisition), an
+:class:`EndReport` or a :class:`Pong`. The thread decides lateness at the last
+moment (a decision that would leave after its cell's deadline goes out late
+and unsorted), encodes one columnar message, and sends it without ever
+blocking: a full or absent consumer drops the message (counted), so a slow
+sorter never stalls inference. The queue in front of the thread is bounded
+as well (oldest dropped, counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamer import codec
+from streamer import protocol as p
+from streamer.metrics import Metrics
+from streamer.policy import NO_GATE, Columns, Policy, apply_late
+from streamer.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+MAX_ACQUISITIONS = 1024  # per-acquisition counts kept for end reports
+NAN = float("nan")
+
+
+@dataclass(slots=True)
+class DecisionBlock:
+    """Results (or an error) for cells of one acquisition."""
+
+    acquisition: str
+    event_ids: np.ndarray  # uint64 [n]
+    arrival_ns: np.ndarray | int  # receipt, service clock: per cell or one for all
+    deadlines: np.ndarray | None  # service clock [n]; None: no deadline
+    bundle: str
+    policy: Policy | None = None  # names for label and gate columns
+    columns: Columns | None = None  # None for an error block
+    error: str = ""
+    late: bool = False  # already known late (expired before inference)
+
+
+@dataclass(slots=True)
+class EndReport:
+    acquisition: str
+    received_ns: int
+
+
+@dataclass(slots=True)
+class Pong:
+    nonce: Any
+    acquisition: str | None
+    received_ns: int
+    status: dict[str, Any]
+
+
+@dataclass
+class AcquisitionCounts:
+    cells: int = 0
+    classified: int = 0
+    late: int = 0
+    dead: int = 0
+    sorted: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cells": self.cells, "classified": self.classified, "late": self.late, "dead": self.dead,
+                "sorted": dict(self.sorted), "errors": dict(self.errors)}
+
+
+class Emitter(threading.Thread):
+    def __init__(self, sockets: dict[str, zmq.Socket], metrics: Metrics, worker: str, margin_ns: int,
+                 capacity: int, linger_ms: int = 2000) -> None:
+        super().__init__(name="flowsort-emitter", daemon=True)
+        self.sockets = sockets  # "push" / "pub" -> socket, used by this thread only once started
+        self.metrics = metrics
+        self.worker = worker
+        self.margin_ns = margin_ns
+        self.capacity = capacity
+        self.linger_ms = linger_ms
+        self._queue: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._seq = 0
+        self._counts: OrderedDict[str, AcquisitionCounts] = OrderedDict()
+        self._ratelog = RateLimitedLog(log, 5.0)
+        self._sent = {name: metrics.decisions_sent.labels(name) for name in sockets}
+        self._dropped = {name: metrics.decisions_dropped.labels(name) for name in (*sockets, "queue")}
+        self._decided: dict[str, Any] = {}
+        self._sorted: dict[str, Any] = {}
+        self.idle = threading.Event()
+
+    # ------------------------------------------------------------------ producer side (any thread)
+
+    def post(self, item: Any) -> None:
+        with self._cond:
+            if len(self._queue) >= self.capacity:
+                old = self._queue.popleft()
+                if isinstance(old, DecisionBlock):
+                    self._dropped["queue"].inc(len(old.event_ids))
+                self._ratelog.log(logging.WARNING, "queue", "decision queue full (%d messages): dropped the oldest",
+                                  self.capacity)
+            self._queue.append(item)
+            self.idle.clear()
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Send what is queued, then close the sockets (with linger) and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ the thread
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stopping:
+                        self.idle.set()
+                        self._cond.wait(0.5)
+                    if not self._queue and self._stopping:
+                        break
+                    items = list(self._queue)
+                    self._queue.clear()
+                for item in items:
+                    try:
+                        self._handle(item)
+                    except Exception:
+                        log.exception("could not send %s", type(item).__name__)
+        finally:
+            self.idle.set()
+            for socket in self.sockets.values():
+                socket.close(linger=self.linger_ms)
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, DecisionBlock):
+            self._decisions(item)
+        elif isinstance(item, EndReport):
+            counts = self._counts.pop(item.acquisition, AcquisitionCounts())
+            self._send(codec.encode_message(p.END, self.worker, self._next_seq(), {
+                p.ACQUISITION: item.acquisition, p.RECEIVED_NS: item.received_ns, p.REPORT: counts.as_dict()}), 0)
+        elif isinstance(item, Pong):
+            fields = {p.NONCE: item.nonce, p.RECEIVED_NS: item.received_ns, **item.status}
+            if item.acquisition is not None:
+                fields[p.ACQUISITION] = item.acquisition
+            self._send(codec.encode_message(p.PONG, self.worker, self._next_seq(), fields), 0)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _decisions(self, block: DecisionBlock) -> None:
+        n = len(block.event_ids)
+        now = time.perf_counter_ns()
+        columns = block.columns
+        if columns is not None:
+            gate = columns.gate
+            if block.late:
+                late = np.ones(n, bool)
+                gate[:] = NO_GATE
+            elif block.deadlines is not None:
+                late = apply_late(gate, block.deadlines, now, self.margin_ns)
+            else:
+                late = np.zeros(n, bool)
+        else:
+            gate = np.full(n, NO_GATE, np.int16)
+            late = np.full(n, block.late, bool)
+            if not block.late and block.deadlines is not None:
+                late = block.deadlines < now + self.margin_ns
+        latency = np.maximum(now - np.asarray(block.arrival_ns, np.int64), 0)
+        if latency.ndim == 0:
+            latency = np.full(n, latency, np.int64)
+        if columns is not None:
+            policy = block.policy
+            label = policy.label_names[columns.label].tolist()
+            probability = columns.probability.tolist()
+            dead = columns.dead.tolist()
+            dead_score = columns.dead_score.tolist()
+            gate_names = policy.gate_names[gate].tolist()
+            streams = policy.gate_streams[gate].tolist()
+            error = [""] * n
+        else:
+            label, probability, dead, dead_score = [""] * n, [NAN] * n, [False] * n, [NAN] * n
+            gate_names, streams, error = [""] * n, [0] * n, [block.error] * n
+        payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, {
+            "event_ids": block.event_ids.tolist(), "label": label, "probability": probability, "dead": dead,
+            "dead_score": dead_score, "gate": gate_names, "stream": streams, "late": late.tolist(),
+            "latency_us": (latency // 1000).tolist(), "error": error,
+        })
+        # Counted before sending: whoever holds a decision finds it in the metrics.
+        self._account(block, gate, late, latency)
+        self._send(payload, n)
+
+    def _send(self, payload: bytes, cells: int) -> None:
+        for name, socket in self.sockets.items():
+            try:
+                socket.send(payload, zmq.NOBLOCK)
+                self._sent[name].inc()
+            except zmq.Again:
+                self._dropped[name].inc(cells)
+                self._ratelog.log(logging.WARNING, f"drop-{name}",
+                                  "%s consumer absent or too slow: decisions dropped (never blocking inference)", name)
+
+    def _account(self, block: DecisionBlock, gate: np.ndarray, late: np.ndarray, latency: np.ndarray) -> None:
+        m = self.metrics
+        n = len(block.event_ids)
+        counts = self._counts.get(block.acquisition)
+        if counts is None:
+            counts = self._counts[block.acquisition] = AcquisitionCounts()
+            if len(self._counts) > MAX_ACQUISITIONS:
+                self._counts.popitem(last=False)
+        counts.cells += n
+        late_count = int(late.sum())
+        counts.late += late_count
+        if late_count:
+            m.cells_late.inc(late_count)
+        m.latency.observe(latency / 1e9)
+        if block.columns is None:
+            counts.errors[block.error] = counts.errors.get(block.error, 0) + n
+            return
+        policy = block.policy
+        columns = block.columns
+        counts.classified += n
+        per_label = np.bincount(columns.label, minlength=len(policy.class_names))
+        for index in np.flatnonzero(per_label):
+            name = policy.class_names[index]
+            child = self._decided.get(name)
+            if child is None:
+                child = self._decided[name] = m.cells_decided.labels(name)
+            child.inc(int(per_label[index]))
+        sorted_gates = gate[gate >= 0]
+        if len(sorted_gates):
+            per_gate = np.bincount(sorted_gates, minlength=len(policy.gates))
+            for index in np.flatnonzero(per_gate):
+                name = policy.gates[index].name
+                child = self._sorted.get(name)
+                if child is None:
+                    child = self._sorted[name] = m.cells_sorted.labels(name)
+                child.inc(int(per_gate[index]))
+                counts.sorted[name] = counts.sorted.get(name, 0) + int(per_gate[index])
+        dead = int(columns.dead.sum())
+        if dead:
+            m.cells_dead.inc(dead)
+            counts.dead += dead

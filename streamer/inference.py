@@ -1,0 +1,318 @@
+"""The inference thread: forms batches with the :class:`~streamer.batcher.Batcher` and runs them.
+
+It keeps up to two batches in flight (the engines' ``submit``/``collect``
+double buffering): while the engine computes one batch with the GIL released,
+this thread can assemble and submit the next. Cells of a batch are copied
+once, into the engine's input (a single-message batch is handed over as the
+received frame's view; a merged one is gathered into one preallocated
+buffer first). Results go through the policy as whole arrays and on to the
+emitter per acquisition; the ingest and emitter threads never wait for it and
+it never waits for them.
+
+An engine failure answers the batch's cells with ``engine_error`` decisions;
+``max_consecutive_failures`` in a row make the service not ready until a
+batch succeeds again. A reload hands a new :class:`~streamer.model.Model`
+to :meth:`Dispatcher.swap`: batches in flight finish on the old engine, the
+queue is kept, the next batch runs on the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engines.base import DEPTH
+from engines.preprocessing import fit_to_size
+from streamer.batcher import Batch, Batcher, Marker, Piece, Segment
+from streamer.emitter import DecisionBlock, Emitter
+from streamer.ingest import error_block
+from streamer.metrics import Metrics
+from streamer.model import Model
+from streamer.protocol import Reason
+from streamer.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(slots=True)
+class Flight:
+    batch: Batch
+    model: Model | None  # None: nothing submitted (markers or expired cells only)
+    event_ids: np.ndarray | None = None
+    arrivals: np.ndarray | None = None
+    deadlines: np.ndarray | None = None
+    acquisitions: list[tuple[str, int]] | None = None  # (acquisition, cells) runs in batch order
+    submitted_ns: int = 0
+
+
+class Dispatcher(threading.Thread):
+    def __init__(self, model: Model, batcher: Batcher, emitter: Emitter, metrics: Metrics,
+                 max_failures: int, reject_interval: float) -> None:
+        super().__init__(name="flowsort-inference", daemon=True)
+        self.model = model
+        self.batcher = batcher
+        self.emitter = emitter
+        self.metrics = metrics
+        self.max_failures = max_failures
+        self.cond = threading.Condition()
+        self.inflight: deque[Flight] = deque()
+        self.failing = False
+        self.failures_in_row = 0
+        self._pending_swap: Model | None = None
+        self._swapped = threading.Event()
+        self._stopping = False
+        self._buffer = self._allocate(model)
+        self._last_done = 0
+        self._wake_at: int | None = None  # while the thread sleeps: when it wakes by itself
+        self._ratelog = RateLimitedLog(log, reject_interval)
+        self._failed = metrics.cells_failed.labels(Reason.ENGINE_ERROR)
+        self._expired = metrics.cells_failed.labels(Reason.EXPIRED)
+        self.on_swap: Any = None  # called with the new model after a swap (from this thread)
+
+    @staticmethod
+    def _allocate(model: Model) -> np.ndarray:
+        return np.zeros((model.engine.max_batch, *model.engine.input_shape), np.uint16)
+
+    # ------------------------------------------------------------------ other threads
+
+    def queue(self, segment: Segment) -> tuple[bool, list[Piece]]:
+        with self.cond:
+            result = self.batcher.add(segment)
+            # Wake the thread only if it sleeps and this arrival brings its next batch forward.
+            if self._wake_at is not None:
+                due = self.batcher.due(time.perf_counter_ns())
+                if due is not None and due < self._wake_at:
+                    self.cond.notify()
+        return result
+
+    def queue_marker(self, marker: Marker) -> None:
+        with self.cond:
+            self.batcher.add_marker(marker)
+            self.cond.notify()
+
+    def swap(self, model: Model, timeout: float = 30.0) -> bool:
+        """Run ``model`` from the next batch on; returns once swapped (False on timeout or shutdown)."""
+        self._swapped.clear()
+        with self.cond:
+            if self._stopping:
+                return False
+            self._pending_swap = model
+            self.cond.notify()
+        return self._swapped.wait(timeout)
+
+    def drain(self) -> None:
+        """Run everything queued without waiting for company, then end the thread."""
+        with self.cond:
+            self._stopping = True
+            self.batcher.draining = True
+            self.cond.notify()
+
+    def queued(self) -> int:
+        return self.batcher.queued
+
+    # ------------------------------------------------------------------ the thread
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("inference thread failed")
+            raise
+        finally:
+            self._swapped.set()
+
+    def _loop(self) -> None:
+        while True:
+            batch = None
+            swap = None
+            with self.cond:
+                while True:
+                    if self._pending_swap is not None and not self.inflight:
+                        swap, self._pending_swap = self._pending_swap, None
+                        break
+                    now = time.perf_counter_ns()
+                    due = None
+                    if len(self.inflight) < DEPTH and self._pending_swap is None:
+                        due = self.batcher.due(now, self._backlog(now))
+                        if due is not None and due <= now:
+                            batch = self.batcher.take(now)
+                            break
+                    if self.inflight:
+                        break
+                    if self._stopping and not self.batcher.queue:
+                        return
+                    timeout = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, (due - now) / 1e9)
+                    self._wake_at = now + int(timeout * 1e9)
+                    self.cond.wait(timeout)
+                    self._wake_at = None
+            if swap is not None:
+                self._swap(swap)
+                continue
+            flight = None
+            try:
+                if batch is not None:
+                    self._start(batch, now)
+                else:
+                    flight = self.inflight.popleft()
+                    self._finish(flight)
+            except Exception:  # a bug must cost one batch, not the service
+                log.exception("unexpected error on a batch; answering its cells with %s", Reason.ENGINE_ERROR)
+                failed = flight.batch if flight is not None else batch
+                for piece in failed.pieces:
+                    self.emitter.post(error_block(piece, Reason.ENGINE_ERROR, self.model.bundle_hash))
+                self._pass_markers(failed)
+
+    def _backlog(self, now: int) -> float:
+        """Engine time still ahead of a batch submitted now."""
+        if not self.inflight:
+            return 0.0
+        planner = self.batcher.planner
+        total = sum(planner.cost(f.batch.size) for f in self.inflight if f.model is not None)
+        started = next((f.submitted_ns for f in self.inflight if f.model is not None), now)
+        return max(0.0, total - (now - started))
+
+    def _swap(self, model: Model) -> None:
+        old = self.model
+        self.model = model
+        self.batcher.planner = model.planner
+        if self._buffer.shape[0] < model.engine.max_batch or self._buffer.shape[1:] != model.engine.input_shape:
+            self._buffer = self._allocate(model)
+        self.failing, self.failures_in_row = False, 0
+        if self.on_swap is not None:
+            self.on_swap(model)
+        self._swapped.set()
+        old.close()
+
+    # ------------------------------------------------------------------ one batch
+
+    def _start(self, batch: Batch, now: int) -> None:
+        model = self.model
+        for piece in batch.expired:
+            self._expired.inc(piece.count)
+            self.emitter.post(error_block(piece, Reason.EXPIRED, model.bundle_hash, late=True))
+        if not batch.cells:
+            if batch.markers:
+                if self.inflight:
+                    self.inflight.append(Flight(batch, None))
+                else:
+                    self._pass_markers(batch)
+            return
+        flight = Flight(batch, model)
+        pieces = batch.pieces
+        shape = model.engine.input_shape
+        if len(pieces) == 1:
+            piece = pieces[0]
+            segment = piece.segment
+            flight.event_ids = segment.event_ids[piece.index]
+            flight.arrivals = np.full(batch.cells, segment.arrival_ns, np.int64)
+            flight.deadlines = segment.deadlines[piece.index]
+            flight.acquisitions = [(segment.acquisition, batch.cells)]
+            if batch.size == batch.cells and segment.pixels.shape[1:] == shape:
+                cells = segment.pixels[piece.index]
+            else:
+                cells = self._gather(pieces, batch.size, model)
+        else:
+            ids, arrivals, deadlines, runs = [], [], [], []
+            for piece in pieces:
+                segment, index, count = piece.segment, piece.index, piece.count
+                ids.append(segment.event_ids[index])
+                arrivals.append(np.full(count, segment.arrival_ns, np.int64))
+                deadlines.append(segment.deadlines[index])
+                if runs and runs[-1][0] == segment.acquisition:
+                    runs[-1] = (segment.acquisition, runs[-1][1] + count)
+                else:
+                    runs.append((segment.acquisition, count))
+            flight.event_ids = np.concatenate(ids)
+            flight.arrivals = np.concatenate(arrivals)
+            flight.deadlines = np.concatenate(deadlines)
+            flight.acquisitions = runs
+            cells = self._gather(pieces, batch.size, model)
+        flight.submitted_ns = time.perf_counter_ns()
+        try:
+            model.engine.submit(cells)
+        except Exception as exc:
+            self._engine_failed(flight, exc)
+            if batch.markers:  # they still follow every batch before them
+                if self.inflight:
+                    self.inflight.append(Flight(Batch(markers=batch.markers), None))
+                else:
+                    self._pass_markers(batch)
+            return
+        self.inflight.append(flight)
+
+    def _gather(self, pieces: list[Piece], size: int, model: Model) -> np.ndarray:
+        """Copy the pieces' cells into the batch buffer (rows past the cells are padding)."""
+        buffer = self._buffer
+        position = 0
+        for piece in pieces:
+            cells = piece.segment.pixels[piece.index]
+            if cells.shape[-1] != model.input_size or cells.shape[-2] != model.input_size:
+                cells = fit_to_size(cells, model.input_size)  # queued before a reload changed the input size
+                self.metrics.cells_resized.inc(len(cells))
+            buffer[position:position + len(cells)] = cells
+            position += len(cells)
+        return buffer[:size]
+
+    def _finish(self, flight: Flight) -> None:
+        batch = flight.batch
+        model = flight.model
+        if model is None:
+            self._pass_markers(batch)
+            return
+        try:
+            outputs = model.engine.collect()
+        except Exception as exc:
+            self._engine_failed(flight, exc)
+            self._pass_markers(batch)
+            return
+        done = time.perf_counter_ns()
+        elapsed = done - max(flight.submitted_ns, self._last_done)
+        self._last_done = done
+        if self.batcher.planner is model.planner:
+            model.planner.observe(batch.size, elapsed)
+        self.metrics.engine_time.observe(elapsed / 1e9)
+        self.metrics.batch_size.observe(batch.cells)
+        n = batch.cells
+        columns = model.policy.decide(outputs.probabilities[:n], outputs.dead_score[:n])
+        if self.failures_in_row:
+            self.failures_in_row = 0
+            if self.failing:
+                self.failing = False
+                log.warning("engine recovered: ready again")
+        start = 0
+        for acquisition, count in flight.acquisitions:
+            stop = start + count
+            part = columns if count == n else type(columns)(*(c[start:stop] for c in columns))
+            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
+                                            flight.deadlines[start:stop], model.bundle_hash, model.policy, part))
+            start = stop
+        self._pass_markers(batch)
+
+    def _pass_markers(self, batch: Batch) -> None:
+        for marker in batch.markers:
+            self.emitter.post(marker.payload)
+
+    def _engine_failed(self, flight: Flight, exc: Exception) -> None:
+        self.metrics.engine_failures.inc()
+        self.failures_in_row += 1
+        n = flight.batch.cells
+        self._failed.inc(n)
+        self._ratelog.log(logging.ERROR, "engine", "engine failed on a batch of %d cells (%s: %s); answered as %s",
+                          n, type(exc).__name__, exc, Reason.ENGINE_ERROR)
+        if self.failures_in_row >= self.max_failures and not self.failing:
+            self.failing = True
+            log.error("engine failed %d batches in a row: not ready", self.failures_in_row)
+        start = 0
+        for acquisition, count in flight.acquisitions or []:
+            stop = start + count
+            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
+                                            flight.deadlines[start:stop], flight.model.bundle_hash,
+                                            error=Reason.ENGINE_ERROR))
+            start = stop

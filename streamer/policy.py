@@ -1,0 +1,85 @@
+"""The sort policy: from engine outputs to decision columns, vectorized over a batch.
+
+Gates are tried in their configured order; a cell goes to the first gate it
+passes, otherwise it is not sorted. A cell passes a gate when
+
+* the summed probability of the gate's classes is at least ``min_probability``
+  (a gate over one class is that class's probability; a gate over the four
+  mitotic stages accepts a cell split between two of them), and
+* it is not flagged dead, unless the gate sets ``exclude_dead = false``.
+
+The label of a cell is its most probable class. Lateness is applied when the
+decision leaves (:func:`apply_late`): a late cell is never sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from flowsort.errors import UserError
+from streamer.config import GateConfig
+
+NO_GATE = -1
+
+
+class Columns(NamedTuple):
+    """Per-cell results of one batch (fresh arrays, safe to keep)."""
+
+    label: np.ndarray  # int16 class index
+    probability: np.ndarray  # float32
+    dead: np.ndarray  # bool
+    dead_score: np.ndarray  # float32
+    gate: np.ndarray  # int16 gate index, NO_GATE for no-sort
+
+
+@dataclass(frozen=True)
+class Policy:
+    class_names: tuple[str, ...]
+    gates: tuple[GateConfig, ...]
+    dead_threshold: float
+
+    def __post_init__(self) -> None:
+        k, g = len(self.class_names), len(self.gates)
+        membership = np.zeros((k, max(g, 1)), np.float32)
+        for j, gate in enumerate(self.gates):
+            for name in gate.classes:
+                if name not in self.class_names:
+                    raise UserError(
+                        f"gate {gate.name!r}: class {name!r} is not one of the bundle's classes "
+                        f"({', '.join(self.class_names)})"
+                    )
+                membership[self.class_names.index(name), j] = 1.0
+        object.__setattr__(self, "_membership", membership[:, :g])
+        object.__setattr__(self, "_min_probability", np.array([gt.min_probability for gt in self.gates], np.float32))
+        object.__setattr__(self, "_exclude_dead", np.array([gt.exclude_dead for gt in self.gates], bool))
+        # Names indexed by label / gate, with index -1 (the last entry) for "none".
+        object.__setattr__(self, "label_names", np.array([*self.class_names, ""], dtype=object))
+        object.__setattr__(self, "gate_names", np.array([*(gt.name for gt in self.gates), ""], dtype=object))
+        object.__setattr__(self, "gate_streams", np.array([*(gt.stream for gt in self.gates), 0], np.int64))
+
+    def decide(self, probabilities: np.ndarray, dead_score: np.ndarray) -> Columns:
+        """Label, probability, dead flag and gate for N cells from [N, K] probabilities and [N] dead scores."""
+        n = len(probabilities)
+        label = probabilities.argmax(axis=1)
+        probability = probabilities[np.arange(n), label]
+        dead_score = np.array(dead_score, np.float32)
+        dead = dead_score > self.dead_threshold
+        gate = np.full(n, NO_GATE, np.int16)
+        if self.gates:
+            gate_probability = probabilities @ self._membership  # [N, G]
+            # float32 sums of probabilities can miss 1.0 by an ulp: allow for it.
+            passes = gate_probability >= self._min_probability - 1e-6
+            passes &= ~(dead[:, None] & self._exclude_dead[None, :])
+            matched = passes.any(axis=1)
+            gate[matched] = passes[matched].argmax(axis=1)
+        return Columns(label.astype(np.int16), probability.astype(np.float32), dead, dead_score, gate)
+
+
+def apply_late(gate: np.ndarray, deadlines: np.ndarray, now_ns: int, margin_ns: int) -> np.ndarray:
+    """Mark cells whose decision leaves after their deadline (less margin) late, and unsort them (in place)."""
+    late = deadlines < now_ns + margin_ns
+    gate[late] = NO_GATE
+    return late
