@@ -18,7 +18,15 @@ session that appends to it: one frame, a msgpack map with ``format``
 ("flowsort-acquisition"), ``format_version`` (1), ``protocol_version``,
 ``created_ns`` and, where known, ``worker`` and ``bundle``. Kind 2 is a
 received message: its ZeroMQ frames exactly as they arrived (malformed ones
-included), timed at receipt.
+included), timed at receipt. Kind 3 is ground truth, written by the bench
+(``flowsort import ... --to-acquisition``, ``flowsort record`` of a stream
+that carries it) so replay can score sorting on cells whose classes are
+known: one frame, a msgpack map with ``acquisition``, ``event_ids`` (bin,
+uint64 little-endian), ``class_names`` (array of str), ``label`` (bin, int16:
+an index into ``class_names``, -1 unknown) and optionally ``dead`` and
+``debris`` (bin, one uint8 0/1 per cell); see :mod:`bench.acquisition`.
+Readers skip kinds they do not use (:meth:`AcquisitionReader.messages`
+yields kind 2 only), so truth never reaches the service or an FCS export.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ BODY_HEAD = struct.Struct("<BqH")  # kind, time_ns, frame count
 FRAME_LENGTH = struct.Struct("<I")
 KIND_HEADER = 1
 KIND_MESSAGE = 2
+KIND_TRUTH = 3
 MAX_FRAMES = 0xFFFF
 MAX_BODY = 0xFFFFFFFF
 
@@ -222,6 +231,11 @@ class AcquisitionWriter:
         """Append one received message (its frames as bytes, memoryviews or zmq.Frame)."""
         self._append(KIND_MESSAGE, time.time_ns() if time_ns is None else time_ns, frames)
         self.records += 1
+
+    def write_truth(self, fields: dict[str, Any], time_ns: int | None = None) -> None:
+        """Append a ground-truth record (kind 3): ``fields`` packed as one msgpack map."""
+        self._append(KIND_TRUTH, time.time_ns() if time_ns is None else time_ns,
+                     [msgpack.packb(fields, use_bin_type=True)])
 
     def _append(self, kind: int, time_ns: int, frames: Sequence[Any]) -> None:
         if self._fd < 0:

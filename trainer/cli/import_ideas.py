@@ -45,7 +45,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
             "instruments and a wrong default could feed a fluorescence channel to a label-free model"
         ),
     )
-    parser.add_argument("-o", "--out", type=Path, required=True, help="dataset folder to write")
+    add_output_arguments(parser)
     parser.add_argument(
         "--size",
         type=positive_int,
@@ -63,6 +63,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="names for the channels, same order as --channels, e.g. brightfield,darkfield (default Ch<k>)",
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """-o DATASET and/or --to-acquisition FILE: what an importer writes."""
+    parser.add_argument("-o", "--out", type=Path, default=None, help="dataset folder to write")
+    parser.add_argument(
+        "--to-acquisition",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="(also) write the cells as an acquisition file for `flowsort replay`, labels included as ground truth "
+        "(one cell per message, Poisson timing at 1,000 cells/s)",
+    )
 
 
 def channel_list(text: str) -> tuple[int, ...]:
@@ -100,18 +113,27 @@ def checked_arguments(args: argparse.Namespace) -> None:
             f"--channel-names gives {len(args.channel_names)} names for {len(args.channels)} channels "
             f"({','.join(map(str, args.channels))}): give one name per channel"
         )
-    out: Path = args.out
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "dataset.json").is_file())):
+    if args.out is None and args.to_acquisition is None:
+        raise UserError("say where to write: -o DATASET, --to-acquisition FILE, or both")
+    if args.to_acquisition is not None and args.to_acquisition.exists() and args.to_acquisition.stat().st_size:
+        raise UserError(f"{args.to_acquisition} exists: choose a new file for --to-acquisition")
+    out: Path | None = args.out
+    if out is not None and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "dataset.json").is_file())):
         raise UserError(f"{out} exists and is not a flowsort dataset: choose a new or empty folder for -o")
 
 
-def finish(dataset: CellDataset, out: Path) -> int:
-    """Write the dataset and print the import summary."""
+def finish(dataset: CellDataset, out: Path | None, to_acquisition: Path | None = None) -> int:
+    """Write the dataset and/or the acquisition file, and print the import summary."""
     from trainer.dataset import write_dataset
     from trainer.import_report import format_summary
 
-    write_dataset(out, dataset)
-    print(format_summary(dataset, out))
+    if out is not None:
+        write_dataset(out, dataset)
+        print(format_summary(dataset, out))
+    if to_acquisition is not None:
+        from bench.acquisition import print_acquisition_summary, write_dataset_acquisition
+
+        print_acquisition_summary(write_dataset_acquisition(dataset, to_acquisition))
     return 0
 
 
@@ -120,4 +142,4 @@ def run(args: argparse.Namespace) -> int:
 
     checked_arguments(args)
     dataset = import_ideas(args.dir, args.channels, args.size, args.channel_names, strict=args.strict)
-    return finish(dataset, args.out)
+    return finish(dataset, args.out, args.to_acquisition)

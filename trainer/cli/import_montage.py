@@ -29,4 +29,4 @@ def run(args: argparse.Namespace) -> int:
     dataset = import_montages(
         args.dir, args.channels, args.tile, args.size, args.channel_names, strict=args.strict
     )
-    return finish(dataset, args.out)
+    return finish(dataset, args.out, args.to_acquisition)

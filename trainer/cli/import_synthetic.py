@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from flowsort.errors import UserError
-from trainer.cli.import_ideas import checked_arguments
+from trainer.cli.import_ideas import add_output_arguments, checked_arguments, finish
 
 # Kept in step with trainer.synthetic, which is not imported here so `flowsort --help` stays fast.
 DEFAULT_SIZE, MIN_SIZE = 40, 32
@@ -26,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--cells", type=_count, required=True, help="number of cells to generate")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="dataset folder to write")
+    add_output_arguments(parser)
     parser.add_argument("--seed", type=_count_or_zero, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--size", type=_size, default=DEFAULT_SIZE, help=f"image size in pixels, at least {MIN_SIZE} (default {DEFAULT_SIZE})"
@@ -98,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     dataset = to_dataset(cells)
-    write_dataset(args.out, dataset)
-    counts = ", ".join(f"{name} {count:,}" for name, count in dataset.class_counts().items())
-    print(f"wrote {len(dataset):,} synthetic cells ({args.size}x{args.size}, seed {args.seed}) to {args.out}")
-    print(f"  stages: {counts}")
-    print(f"  dead: {int(cells.dead.sum()):,}  debris: {int(cells.debris.sum()):,}")
-    return 0
+    if args.out is not None:
+        write_dataset(args.out, dataset)
+        counts = ", ".join(f"{name} {count:,}" for name, count in dataset.class_counts().items())
+        print(f"wrote {len(dataset):,} synthetic cells ({args.size}x{args.size}, seed {args.seed}) to {args.out}")
+        print(f"  stages: {counts}")
+        print(f"  dead: {int(cells.dead.sum()):,}  debris: {int(cells.debris.sum()):,}")
+    return finish(dataset, None, args.to_acquisition)

@@ -1,0 +1,434 @@
+"""`flowsort bench e2e BUNDLE`: the whole path under load, from an instrument's socket to its sorter's.
+
+For each engine it starts `flowsort serve` as its own process and sweeps the
+offered load: Poisson arrivals at 250, 500, 1,000, 1,500, 2,000 cells/s (by
+default), then upward by a factor until a level is not sustained, then a few
+bisection steps between the last sustained level and the first that was not.
+A level is **sustained** when every cell sent got a decision, none failed or
+was dropped, and at most ``late_tolerance`` of them came back late. Each level
+reports achieved throughput, latency percentiles (capture to decision
+received), drops and late decisions, the CPU the sender, the receiver and the
+streamer used, and throughput and latency over time.
+
+After the sweep it stops the streamer and measures the engine alone at the
+same max batch and precision (:mod:`bench.engine_bench`'s timing): the
+engine ceiling, and the ratio of the max sustained rate to it.
+
+Messages are pre-built (:mod:`bench.traffic`), so the sender and receiver cost
+little CPU; both are measured, because on a 2-core machine they share the
+cores with the streamer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowsort.errors import UserError
+
+DEFAULT_LEVELS = (250, 500, 1000, 1500, 2000)
+DEFAULT_SECONDS = 10.0
+GROWTH = 1.25
+REFINE_STEPS = 2
+LATE_TOLERANCE = 0.001
+SENDER_TOLERANCE = 0.02  # a level whose achieved send rate misses the schedule by more is sender-limited
+PAUSE_S = 0.5
+DRAIN_S = 3.0  # after a level's last cell: queued cells are decided or expire well within this
+TARGETS = {"latency_p99_ms_at_1000": 5.0, "ceiling_ratio": 0.85}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "e2e",
+        help="end to end: sweep offered load through a live streamer; latency, throughput, max sustained rate",
+        description="Start `flowsort serve BUNDLE` per engine and sweep the offered load (Poisson arrivals) until it "
+        "saturates. Per level: achieved throughput, latency p50/p95/p99/max from capture to decision received, "
+        "drops and late decisions, sender/receiver/streamer CPU. Then the engine alone at the same max batch "
+        "(the ceiling) and the ratio max sustained / ceiling. Writes e2e.json and e2e.html (plots) to --out.",
+    )
+    parser.add_argument("bundle", type=Path, help="model bundle from `flowsort train`")
+    parser.add_argument("--engines", default=None, metavar="A,B",
+                        help="engines to compare (default: every one available here)")
+    parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)), metavar="R,R",
+                        help=f"offered loads in cells/s, before growing (default {','.join(map(str, DEFAULT_LEVELS))})")
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
+                        help=f"per level (default {DEFAULT_SECONDS:g})")
+    parser.add_argument("--growth", type=float, default=GROWTH,
+                        help=f"factor between levels after the list while sustained (default {GROWTH}; 0 = none)")
+    parser.add_argument("--max-rate", type=float, default=200_000.0, help="never offer more than this (cells/s)")
+    parser.add_argument("--refine", type=int, default=REFINE_STEPS,
+                        help=f"bisection steps between the last sustained and the first failed level (default {REFINE_STEPS})")
+    parser.add_argument("--late-tolerance", type=float, default=LATE_TOLERANCE,
+                        help=f"share of late cells a sustained level may have (default {LATE_TOLERANCE})")
+    parser.add_argument("--transit-ms", type=float, default=10.0, help="deadline after capture (default 10)")
+    parser.add_argument("--max-batch", type=int, default=64, help="the streamer's largest batch, and the ceiling's (default 64)")
+    parser.add_argument("--cells", default="synthetic", metavar="SOURCE",
+                        help="cells to send: synthetic (default), an acquisition file (e.g. the Jurkat sample "
+                        "from `flowsort import ideas ... --to-acquisition`) or a dataset folder")
+    parser.add_argument("--prior", choices=("jurkat", "uniform"), default="jurkat", help="synthetic stage mix")
+    parser.add_argument("--pool", type=int, default=4096, help="distinct synthetic cells (default 4096)")
+    parser.add_argument("--cells-per-message", type=int, default=1, metavar="N", help="cells per message (default 1)")
+    parser.add_argument("--config", type=Path, default=None, help="streamer.toml to start from (endpoints are replaced)")
+    parser.add_argument("--gate-threshold", type=float, default=None, metavar="P", help="gates' min_probability")
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="engine-only timing (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-decisions", action="store_true",
+                        help="also write every level's per-cell arrays (levels/<engine>-<rate>.npz)")
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/e2e"), help="output folder")
+    parser.set_defaults(run=run)
+
+
+def levels_list(text: str) -> list[float]:
+    try:
+        levels = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--levels: expected rates separated by commas, got {text!r}") from None
+    if not levels or min(levels) <= 0:
+        raise UserError("--levels: rates must be positive")
+    return levels
+
+
+def judge(summary: dict[str, Any], late_tolerance: float) -> tuple[bool, str]:
+    """Sustained or not, and why not."""
+    pacing = summary["pacing"]
+    if pacing["scheduled_rate"] and pacing["rate_error"] < -SENDER_TOLERANCE:
+        return False, f"sender-limited ({100 * pacing['rate_error']:+.1f}% of the scheduled rate)"
+    sent = summary["cells_sent"]
+    if summary["dropped"]:
+        return False, f"{summary['dropped']} dropped"
+    failed = {k: v for k, v in summary["errors"].items() if k != "expired"}  # expired cells are late ones
+    if failed:
+        return False, "errors: " + ", ".join(f"{k} {v}" for k, v in failed.items())
+    if summary["late"] > late_tolerance * sent:
+        return False, f"{summary['late']} late ({100 * summary['late'] / max(sent, 1):.2f}%)"
+    return True, ""
+
+
+class Sweep:
+    """Levels of one engine, run against one streamer."""
+
+    def __init__(self, link: Any, messages: Any, args: argparse.Namespace, engine: str, progress: Any) -> None:
+        self.link = link
+        self.messages = messages
+        self.args = args
+        self.engine = engine
+        self.progress = progress
+        self.levels: list[dict[str, Any]] = []
+        self.next_id = 1
+        self.offset_s = 0.0
+
+    def run_level(self, rate: float) -> dict[str, Any]:
+        from bench.pacing import poisson_times
+        from bench.results import raw_arrays, summarize
+        from bench.traffic import run_plan
+
+        args, link = self.args, self.link
+        seed = args.seed + len(self.levels)
+        times = poisson_times(rate, args.seconds, np.random.default_rng(seed), args.cells_per_message)
+        acquisition = f"e2e-{self.engine}-{len(self.levels) + 1}-{rate:g}"
+        plan = self.messages.plan(times, acquisition, self.next_id, int(args.transit_ms * 1e6))
+        self.next_id += plan.cells
+        streamer_cpu = link.streamer_cpu_s()
+        shown = [0.0]
+
+        def tick(sender: Any, first_chunk: int) -> None:
+            elapsed = min(time.perf_counter() - sender.t0, args.seconds)
+            if elapsed > shown[0]:
+                self.progress.update(elapsed - shown[0])
+                shown[0] = elapsed
+
+        record = run_plan(self.socket, self.collector, plan, tick=tick, drain_timeout_s=DRAIN_S)
+        self.progress.update(max(0.0, args.seconds - shown[0]))
+        model = link.model
+        summary = summarize(record, link.gates, model.class_names, model.merges)
+        used = link.streamer_cpu_s()
+        if streamer_cpu is not None and used is not None:
+            summary["streamer_cpu_s"] = used - streamer_cpu
+            summary["streamer_cpu_core_fraction"] = (used - streamer_cpu) / record.wall_s
+        summary["offered_target"] = rate
+        summary["acquisition"] = acquisition
+        summary["start_s"] = self.offset_s
+        self.offset_s += record.wall_s + PAUSE_S
+        ok, why = judge(summary, args.late_tolerance)
+        summary["sustained"], summary["reason"] = ok, why
+        if args.save_decisions:
+            folder = args.out / "levels"
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(folder / f"{self.engine}-{rate:g}.npz", **raw_arrays(record))
+            summary["decisions_file"] = str(folder / f"{self.engine}-{rate:g}.npz")
+        self.levels.append(summary)
+        latency = summary["latency_ms"]
+        self.progress.set_postfix_str(f"{self.engine} {rate:,.0f}/s: p99 {latency['p99'] or 0:.2f} ms, "
+                                      f"late {summary['late']}, dropped {summary['dropped']}"
+                                      + ("" if ok else f" - not sustained ({why})"))
+        time.sleep(PAUSE_S)
+        return summary
+
+    def run(self, on_level: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        from bench.traffic import Collector, handshake, push_socket
+
+        args = self.args
+        self.socket = push_socket(self.link.context, self.link.ingest)
+        self.collector = Collector(self.link.decisions, self.link.context)
+        try:
+            pong = handshake(self.socket, self.collector)
+            self.link.engine = pong.get("engine", "")
+            base = levels_list(args.levels)
+            for rate in base:
+                self.run_level(min(rate, args.max_rate))
+            best, failed = self.bounds()
+            rate = max(base)
+            while failed is None and args.growth > 1 and rate * args.growth <= args.max_rate:
+                if self.levels[-1]["reason"].startswith("sender-limited"):
+                    break
+                rate *= args.growth
+                self.progress.total += args.seconds
+                self.run_level(round(rate))
+                best, failed = self.bounds()
+            for _ in range(args.refine):
+                if best is None or failed is None or failed / best < 1.05:
+                    break
+                if self.levels[-1]["reason"].startswith("sender-limited"):
+                    break
+                self.progress.total += args.seconds
+                self.run_level(round((best + failed) / 2))
+                best, failed = self.bounds()
+        finally:
+            self.collector.close()
+            self.socket.close(linger=0)
+        return self.levels
+
+    def bounds(self) -> tuple[float | None, float | None]:
+        """The highest sustained rate, and the lowest failed rate above it (None when none)."""
+        sustained = [s["offered_target"] for s in self.levels if s["sustained"]]
+        best = max(sustained) if sustained else None
+        failed = [s["offered_target"] for s in self.levels if not s["sustained"] and (best is None or s["offered_target"] > best)]
+        return best, (min(failed) if failed else None)
+
+
+def engine_ceiling(bundle_path: Path, engine: str, precision: str, max_batch: int, seconds: float) -> dict[str, Any]:
+    """The engine alone, ``engine.infer`` on full batches of ``max_batch`` (bench.engine_bench's timing)."""
+    import engines
+    from bench.engine_bench import summary as bench_summary
+    from bench.engine_bench import timed
+    from engines.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    images, _ = bundle.validation_cells()
+    cells = np.ascontiguousarray(np.resize(images, (max_batch, *images.shape[1:])))
+    with engines.load(bundle, engine, precision or "auto", max_batch=max_batch) as loaded:
+        laps = timed({"engine": lambda: loaded.infer(cells)}, seconds)["engine"]
+        row = bench_summary(laps, max_batch)
+        row.update({"engine": loaded.name, "precision": loaded.precision, "batch": max_batch})
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import engines
+    from bench.acquisition import load_cells
+    from bench.link import ModelInfo, open_link
+    from bench.results import describe_machine
+    from bench.traffic import CellMessages
+
+    if args.seconds <= 0:
+        raise UserError("--seconds must be positive")
+    model = ModelInfo.load(args.bundle)
+    reasons = engines.available()
+    chosen = [n.strip() for n in args.engines.split(",")] if args.engines else [n for n, r in reasons.items() if r is None]
+    for name in chosen:
+        if name not in reasons:
+            raise UserError(f"unknown engine {name!r}: choose from {', '.join(reasons)}")
+        if reasons[name]:
+            raise UserError(reasons[name])
+    cells = load_cells(args.cells, model.input_size, seed=args.seed, pool=args.pool, prior=args.prior)
+    messages = CellMessages(cells, args.cells_per_message, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = levels_list(args.levels)
+    results: list[dict[str, Any]] = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    machine_info = describe_machine()  # before the run: the load average says what else the machine was doing
+    with tqdm(total=len(base) * args.seconds * len(chosen), unit="s", file=sys.stderr,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}] {postfix}") as progress:
+        for name in chosen:
+            progress.set_description(f"{name}: starting the streamer")
+            link_args = argparse.Namespace(serve=args.bundle, bundle=None, config=args.config, ingest=None,
+                                           decisions=None, engine=name, gate_threshold=args.gate_threshold,
+                                           record=None, max_batch=args.max_batch)
+            with open_link(link_args, args.out, name=f"serve-{name}") as link:
+                progress.set_description(name)
+                sweep = Sweep(link, messages, args, name, progress)
+                levels = sweep.run()
+                engine_label = link.engine
+                gates = [g.__dict__ for g in link.gates]
+            best, failed = sweep.bounds()
+            precision = engine_label.split(" ", 1)[1] if " " in engine_label else "auto"
+            progress.set_description(f"{name}: engine ceiling")
+            ceiling = engine_ceiling(args.bundle, name, precision, args.max_batch, args.ceiling_seconds)
+            rate = ceiling["throughput_cells_per_s"]
+            results.append({
+                "engine": name, "engine_label": engine_label, "precision": precision, "gates": gates,
+                "levels": levels, "max_sustained_cells_per_s": best, "first_failed_cells_per_s": failed,
+                "engine_ceiling": ceiling, "ceiling_ratio": best / rate if best and rate else None,
+            })
+    report = {
+        "command": "flowsort bench e2e " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "e2e"] else sys.argv[1:]),
+        "date": started, "machine": machine_info, "bundle": str(args.bundle),
+        "model": {"classes": list(model.class_names), "merges": list(model.merges), "input_size": model.input_size},
+        "cells": cells.description, "targets": TARGETS,
+        "settings": {"levels": base, "seconds": args.seconds, "growth": args.growth, "refine": args.refine,
+                     "late_tolerance": args.late_tolerance, "transit_ms": args.transit_ms, "max_batch": args.max_batch,
+                     "cells_per_message": args.cells_per_message, "arrivals": "poisson"},
+        "engines": results,
+    }
+    report["checks"] = checks(report)
+    from bench.simulator import _json_default
+
+    json_path = args.out / "e2e.json"
+    json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    html_path = write_html(report, args.out / "e2e.html")
+    print(table(report))
+    print(f"written {json_path} and {html_path}")
+    return 0
+
+
+def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, per engine: 1,000 cells/s with no drops, no late, p99 <= 5 ms; ratio >= 0.85."""
+    out = []
+    for result in report["engines"]:
+        at_1000 = next((lvl for lvl in result["levels"] if lvl["offered_target"] == 1000), None)
+        if at_1000 is not None:
+            p99 = at_1000["latency_ms"]["p99"]
+            out.append({"engine": result["engine"], "check": "1000 cells/s: no drops, no late, p99 <= 5 ms",
+                        "ok": bool(at_1000["dropped"] == 0 and at_1000["late"] == 0 and p99 is not None
+                                   and p99 <= TARGETS["latency_p99_ms_at_1000"]),
+                        "value": {"dropped": at_1000["dropped"], "late": at_1000["late"], "p99_ms": p99}})
+        ratio = result["ceiling_ratio"]
+        out.append({"engine": result["engine"], "check": "max sustained >= 85% of the engine ceiling",
+                    "ok": ratio is not None and ratio >= TARGETS["ceiling_ratio"], "value": ratio})
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{'engine':<18} {'offered':>9} {'achieved':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+             f"{'late':>6} {'dropped':>7} {'snd/rcv/srv CPU':>16}  sustained"]
+    for result in report["engines"]:
+        for lvl in result["levels"]:
+            lat = lvl["latency_ms"]
+            cpu = lvl["cpu"]
+            srv = lvl.get("streamer_cpu_core_fraction")
+            cpu_text = f"{100 * (cpu['sender_core_fraction'] or 0):.0f}%/{100 * (cpu['receiver_core_fraction'] or 0):.0f}%/" \
+                       + ("-" if srv is None else f"{100 * srv:.0f}%")
+            lines.append(
+                f"{result['engine_label'] or result['engine']:<18} {lvl['offered_cells_per_s'] or 0:>9,.0f} "
+                f"{lvl['throughput_cells_per_s']:>9,.0f} {_n(lat['p50'])} {_n(lat['p95'])} {_n(lat['p99'])} {_n(lat['max'])} "
+                f"{lvl['late']:>6} {lvl['dropped']:>7} {cpu_text:>16}  {'yes' if lvl['sustained'] else 'no: ' + lvl['reason']}")
+        ceiling = result["engine_ceiling"]["throughput_cells_per_s"]
+        best = result["max_sustained_cells_per_s"]
+        ratio = result["ceiling_ratio"]
+        lines.append(f"{result['engine_label'] or result['engine']}: max sustained "
+                     f"{'-' if best is None else f'{best:,.0f}'} cells/s; engine ceiling at batch "
+                     f"{result['engine_ceiling']['batch']}: {ceiling:,.0f} cells/s; ratio "
+                     f"{'-' if ratio is None else f'{100 * ratio:.0f}%'}")
+    for check in report["checks"]:
+        lines.append(f"{'PASS' if check['ok'] else 'FAIL'} {check['engine']}: {check['check']} ({check['value']})")
+    return "\n".join(lines)
+
+
+def _n(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:>8.2f}"
+
+
+def write_html(report: dict[str, Any], path: Path) -> Path:
+    from bench.report_html import e, figure, fmt, pct, plain_log_labels, pyplot, series_figure, write
+    from bench.report_html import table as html_table
+
+    plt = pyplot()
+    deadline = report["settings"]["transit_ms"]
+    machine = report["machine"]
+    sections = [f"<p class='note'>{e(report['date'])}; {e(machine.get('cpu_model') or machine['processor'])}, "
+                f"{machine['cpus']} CPUs, {e(machine['platform'])}, load average before the run "
+                f"{machine.get('load_average_1_5_15min', '?')}; bundle {e(report['bundle'])}; "
+                f"cells: {e(report['cells'])}</p><p class='note'>{e(report['command'])}</p>"]
+    summary_rows = []
+    for result in report["engines"]:
+        ceiling = result["engine_ceiling"]
+        summary_rows.append((result["engine_label"] or result["engine"], fmt(result["max_sustained_cells_per_s"], "", 0),
+                             fmt(result["first_failed_cells_per_s"], "", 0),
+                             f"{ceiling['throughput_cells_per_s']:,.0f} (batch {ceiling['batch']})",
+                             pct(result["ceiling_ratio"])))
+    sections.append("<h2>Summary</h2>" + html_table(
+        ("engine", "max sustained (cells/s)", "first not sustained", "engine ceiling (cells/s)", "ratio"), summary_rows))
+    sections.append(html_table(("check", "engine", "result", "value"),
+                               [(c["check"], c["engine"], "pass" if c["ok"] else "FAIL", json.dumps(c["value"]))
+                                for c in report["checks"]]))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for result in report["engines"]:
+        levels = sorted(result["levels"], key=lambda s: s["offered_target"])
+        offered = [lvl["offered_cells_per_s"] or lvl["offered_target"] for lvl in levels]
+        label = result["engine_label"] or result["engine"]
+        for key, style in (("p50", "-"), ("p95", "--"), ("p99", "-."), ("max", ":")):
+            values = [lvl["latency_ms"][key] if lvl["latency_ms"][key] is not None else float("nan") for lvl in levels]
+            left.plot(offered, values, style, marker="o", ms=3, label=f"{label} {key}")
+        right.plot(offered, [lvl["throughput_cells_per_s"] for lvl in levels], marker="o", ms=3, label=label)
+        right.axhline(result["engine_ceiling"]["throughput_cells_per_s"], ls="--", lw=0.8,
+                      color=right.lines[-1].get_color(), label=f"{label} engine ceiling")
+    left.axhline(deadline, color="#b00", lw=0.8, ls="--", label="deadline")
+    left.set(xlabel="offered load (cells/s)", ylabel="capture to decision (ms)", yscale="log",
+             title="Latency vs offered load")
+    plain_log_labels(left)
+    top = max((lvl["offered_cells_per_s"] or 0 for r in report["engines"] for lvl in r["levels"]), default=1)
+    right.plot([0, top], [0, top], color="#999", lw=0.6, label="achieved = offered")
+    right.set(xlabel="offered load (cells/s)", ylabel="achieved (cells/s)", title="Throughput")
+    for axes in (left, right):
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    fig.tight_layout()
+    sections.append("<h2>Latency and throughput vs offered load</h2>" + figure(fig, "per level: latency percentiles "
+                    "of every decided cell (capture to decision received), and achieved throughput"))
+
+    for result in report["engines"]:
+        label = result["engine_label"] or result["engine"]
+        merged = _concatenate_series(result["levels"])
+        marks = [(lvl["start_s"], f"{lvl['offered_target']:,.0f}/s") for lvl in result["levels"]]
+        sections.append(f"<h2>{e(label)}: over time</h2>" + figure(
+            series_figure(merged, f"{label}: every level, one after the other", deadline, marks),
+            "cells sent and decisions received per second; latency p50/p99 per interval"))
+        rows = []
+        for lvl in result["levels"]:
+            lat, cpu = lvl["latency_ms"], lvl["cpu"]
+            gates = "; ".join(f"{g['gate']} purity {pct(g.get('purity'))} yield {pct(g.get('yield'))}"
+                              for g in lvl.get("gates") or [])
+            rows.append((fmt(lvl["offered_target"], "", 0), fmt(lvl["offered_cells_per_s"], "", 0),
+                         fmt(lvl["throughput_cells_per_s"], "", 0), *(fmt(lat[k], "", 2) for k in ("p50", "p95", "p99", "max")),
+                         fmt(lvl["late"]), fmt(lvl["dropped"]), pct(cpu["sender_core_fraction"]),
+                         pct(cpu["receiver_core_fraction"]), pct(lvl.get("streamer_cpu_core_fraction")),
+                         "yes" if lvl["sustained"] else f"no ({lvl['reason']})", gates))
+        sections.append(html_table(("target", "offered", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "late",
+                                    "dropped", "sender CPU", "receiver CPU", "streamer CPU (cores)", "sustained", "gates"),
+                                   rows))
+    sections.append("<p class='note'>CPU is the share of one core over the level (sender and receiver threads of the "
+                    "bench; the streamer process, all its threads). Latency: capture time stamped by the sender "
+                    "(the Poisson schedule) to the decision's arrival at the receiver.</p>")
+    return write(path, "flowsort bench e2e", sections)
+
+
+def _concatenate_series(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"t_s": [], "sent_per_s": [], "decided_per_s": [], "latency_p50_ms": [], "latency_p99_ms": []}
+    for lvl in levels:
+        series = lvl["series"]
+        out["t_s"] += [t + lvl["start_s"] for t in series["t_s"]] + [out["t_s"][-1] if out["t_s"] else 0.0]
+        out["t_s"][-1] = out["t_s"][-2] + series["bin_s"] / 2  # a gap (no line) between two levels
+        for key in ("sent_per_s", "decided_per_s", "latency_p50_ms", "latency_p99_ms"):
+            out[key] += [*series[key], None]
+    return out
+

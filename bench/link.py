@@ -1,0 +1,175 @@
+"""The bench's connection to a streamer: one it starts (`flowsort serve` as a subprocess) or one running.
+
+Shared by ``flowsort simulate``, ``flowsort replay``, ``bench e2e`` and the demo:
+the streamer's endpoints, its sort gates (to score purity and yield) and what
+the model is (classes, training merges, channels, input size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from bench.scoring import GateSpec
+from flowsort.errors import UserError
+
+from bench.cli_args import DEFAULT_GATE_THRESHOLD, add_link_arguments  # noqa: F401 (re-exported)
+
+MITOTIC = ("Prophase", "Metaphase", "Anaphase", "Telophase")
+EPHEMERAL = "tcp://127.0.0.1:*"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the bench needs to know about a bundle."""
+
+    path: Path | None
+    class_names: tuple[str, ...]
+    merges: tuple[str, ...]
+    channels: tuple[int, ...]
+    input_size: int
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelInfo:
+        from engines.bundle import load_bundle
+
+        bundle = load_bundle(path, verify=False)
+        merges = bundle.manifest.get("provenance", {}).get("dataset_merges", []) or []
+        return cls(Path(path), bundle.class_names, tuple(merges), bundle.channels, bundle.input_size)
+
+
+def default_gates(class_names: tuple[str, ...], threshold: float = DEFAULT_GATE_THRESHOLD) -> list[dict[str, Any]]:
+    """A "mitotic" gate over the model's mitotic classes (none if it has none)."""
+    classes = [name for name in class_names if name in MITOTIC]
+    if not classes:
+        return []
+    return [{"name": "mitotic", "classes": classes, "min_probability": threshold, "exclude_dead": True, "stream": 1}]
+
+
+def gate_specs(gates: list[dict[str, Any]]) -> list[GateSpec]:
+    return [GateSpec(g["name"], tuple(g["classes"])) for g in gates]
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read config {path}: {exc}") from None
+
+
+def service_config(model: ModelInfo, base: dict[str, Any] | None = None, engine: str | None = None,
+                   max_batch: int | None = None, gate_threshold: float | None = None,
+                   record: Path | None = None) -> dict[str, Any]:
+    """A streamer config for a bench-started service: ``base`` (a parsed streamer.toml) on loopback
+    ephemeral ports, no PUB socket, the given engine and batch sizes, and the mitotic gate when
+    ``base`` has no gates."""
+    from streamer.testing import merge
+
+    config = merge(base or {}, {
+        "ingest": {"endpoint": EPHEMERAL, "mode": "bind"},
+        "push": {"endpoint": EPHEMERAL, "mode": "bind"},
+        "pub": {"endpoint": ""},
+        "health": {"host": "127.0.0.1", "port": 0},
+        "logging": {"reject_interval_s": 1.0},
+    })
+    if engine:
+        config = merge(config, {"engine": {"engine": engine}})
+    if max_batch:
+        sizes = [1]
+        while sizes[-1] * 2 <= max_batch:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != max_batch:
+            sizes.append(max_batch)
+        config = merge(config, {"batching": {"batch_sizes": sizes}})
+    if not config.get("gates"):
+        config["gates"] = default_gates(model.class_names,
+                                        DEFAULT_GATE_THRESHOLD if gate_threshold is None else gate_threshold)
+    elif gate_threshold is not None:
+        config["gates"] = [{**g, "min_probability": gate_threshold} for g in config["gates"]]
+    if record is not None:
+        config = merge(config, {"service": {"record": str(record.resolve())}})
+    return config
+
+
+@dataclass
+class Link:
+    """Where to send cells and read decisions, and what the streamer sorts."""
+
+    ingest: str
+    decisions: str
+    gates: list[GateSpec]
+    model: ModelInfo | None
+    context: zmq.Context
+    served: Any = None  # streamer.testing.Served when the bench started the streamer
+    config: dict[str, Any] = field(default_factory=dict)
+    engine: str = ""  # from the streamer's pong, e.g. "openvino bf16"
+
+    def streamer_cpu_s(self) -> float | None:
+        """CPU seconds the streamer process has used (Linux /proc; None when unknown or not ours)."""
+        if self.served is None:
+            return None
+        return process_cpu_s(self.served.process.pid)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _connect_endpoint(endpoint: str) -> str:
+    """A bind endpoint as a peer connects to it (a wildcard host becomes loopback)."""
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
+    return endpoint
+
+
+@contextlib.contextmanager
+def open_link(args: argparse.Namespace, workdir: Path, name: str = "serve") -> Iterator[Link]:
+    """The streamer of ``args`` (add_link_arguments): started here with --serve, else the running one."""
+    from streamer.config import load_config
+
+    context = zmq.Context(io_threads=1)
+    try:
+        if args.serve is not None:
+            from streamer.testing import Served, write_toml
+
+            model = ModelInfo.load(args.serve)
+            config = service_config(model, read_toml(args.config), args.engine, getattr(args, "max_batch", None),
+                                    args.gate_threshold, args.record)
+            workdir.mkdir(parents=True, exist_ok=True)
+            path = write_toml(workdir / f"{name}.toml", config)
+            try:
+                served = Served(args.serve, path, workdir, name=name, timeout=180)
+            except (RuntimeError, TimeoutError) as exc:
+                raise UserError(f"the streamer did not start: {exc}") from None
+            try:
+                yield Link(served["ingest"], served["push"], gate_specs(config.get("gates", [])), model, context,
+                           served, config)
+            finally:
+                served.stop()
+        else:
+            if args.record is not None:
+                raise UserError("--record needs --serve (to record a running stream, use `flowsort record`)")
+            config = load_config(args.config)
+            bundle = args.bundle
+            model = ModelInfo.load(bundle) if bundle else None
+            gates = [GateSpec(g.name, g.classes) for g in config.gates]
+            ingest = args.ingest or _connect_endpoint(config.ingest.endpoint)
+            decisions = args.decisions or _connect_endpoint(config.push.endpoint)
+            yield Link(ingest, decisions, gates, model, context)
+    finally:
+        context.destroy(linger=0)

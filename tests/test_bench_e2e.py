@@ -1,0 +1,75 @@
+"""`flowsort bench e2e` on a tiny model: a short sweep whose report matches the decisions actually received."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowsort.cli import main
+from streamer.testing import engine_for_tests
+
+
+@pytest.fixture(scope="module")
+def sweep(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("e2e")
+    engine = engine_for_tests()
+    assert main(["bench", "e2e", str(quick_bundle), "--engines", engine, "--levels", "150,300", "--seconds", "1.5",
+                 "--growth", "0", "--refine", "0", "--ceiling-seconds", "0.3", "--prior", "uniform", "--pool", "256",
+                 "--transit-ms", "50", "--late-tolerance", "0.02", "--save-decisions", "-o", str(out)]) == 0
+    return json.loads((out / "e2e.json").read_text()), out
+
+
+def test_report_matches_the_decisions_received(sweep: tuple[dict, Path]) -> None:
+    report, out = sweep
+    (result,) = report["engines"]
+    assert [lvl["offered_target"] for lvl in result["levels"]] == [150, 300]
+    for level in result["levels"]:
+        raw = np.load(level["decisions_file"])
+        decided = raw["decided"]
+        sent = level["cells_sent"]
+        assert len(decided) == level["cells_planned"] and sent == len(decided)
+        assert level["decided"] == int(decided.sum()) and level["missing"] == int((~decided).sum())
+        assert level["late"] == int((raw["late"] & decided).sum())
+        error_names = list(raw["error_names"])
+        failed = decided & (raw["error"] != error_names.index(""))
+        assert sum(level["errors"].values()) == int(failed.sum())
+        latency = (raw["received_ns"][decided] - raw["capture_ns"][decided]) / 1e6
+        for key, q in (("p50", 50), ("p95", 95), ("p99", 99)):
+            assert level["latency_ms"][key] == pytest.approx(np.percentile(latency, q))
+        assert level["latency_ms"]["max"] == pytest.approx(latency.max())
+        assert np.all(latency > 0)
+        # event ids are the planned ones, and every decision matched one
+        assert level["strays"] == 0 and level["duplicates"] == 0
+        # gates: purity and yield recomputed from the raw columns
+        gate_names = list(raw["gate_names"])
+        mitotic = next(g for g in level["gates"] if g["gate"] == "mitotic")
+        sorted_cells = decided & (raw["gate"] == (gate_names.index("mitotic") if "mitotic" in gate_names else -9))
+        assert mitotic["sorted"] == int(sorted_cells.sum())
+        names = list(raw["truth_class_names"])
+        in_gate = np.isin(raw["truth_label"], [names.index(c) for c in ("Prophase", "Metaphase", "Anaphase", "Telophase")])
+        assert mitotic["targets"] == int(in_gate.sum())
+        assert mitotic["correct"] == int((sorted_cells & in_gate).sum())
+        # the over-time series adds up to the cells sent and decided
+        series = level["series"]
+        assert sum(series["sent_per_s"]) * series["bin_s"] == pytest.approx(sent)
+        assert sum(series["decided_per_s"]) * series["bin_s"] == pytest.approx(int(decided.sum()))
+        assert level["cpu"]["sender_s"] >= 0 and level["cpu"]["receiver_s"] >= 0
+
+
+def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path]) -> None:
+    report, out = sweep
+    (result,) = report["engines"]
+    # a tiny model at a few hundred cells/s with a 50 ms deadline keeps up, even on a busy machine
+    sustained = [lvl["offered_target"] for lvl in result["levels"] if lvl["sustained"]]
+    assert sustained, [lvl["reason"] for lvl in result["levels"]]
+    assert result["max_sustained_cells_per_s"] == max(sustained)
+    ceiling = result["engine_ceiling"]
+    assert ceiling["batch"] == 64 and ceiling["throughput_cells_per_s"] > 0
+    assert result["ceiling_ratio"] == pytest.approx(max(sustained) / ceiling["throughput_cells_per_s"])
+    assert {c["check"] for c in report["checks"]} >= {"max sustained >= 85% of the engine ceiling"}
+    assert report["machine"]["cpus"] and report["date"]
+    html = (out / "e2e.html").read_text()
+    assert html.count("<img") >= 2 and "max sustained" in html
