@@ -109,6 +109,7 @@ class Segment:
     deadlines: np.ndarray  # int64 [n], service clock
     pos: int = 0
     min_deadline: int = -1  # computed from deadlines unless given
+    capture_ns: np.ndarray | None = None  # int64 [n], the instrument's capture time (for --results)
 
     def __post_init__(self) -> None:
         if self.min_deadline < 0:

@@ -114,6 +114,7 @@ class ServiceConfig:
     worker: str = ""  # name in every outgoing message; default host:pid
     drain_timeout_s: float = 10.0
     record: str = ""  # acquisition file appended with every received message (also --record)
+    results: str = ""  # FCS 3.1 results written live; {acquisition} gives one file per acquisition (also --results)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ and unsorted), encodes one columnar message, and sends it without ever
 blocking: a full or absent consumer drops the message (counted), so a slow
 sorter never stalls inference. The queue in front of the thread is bounded
 as well (oldest dropped, counted).
+
+With ``flowsort serve --results``, each block, once sent, goes on to the
+:class:`~streamer.results_writer.ResultsWriter` with the columns as sent
+(late cells unsorted) and the copies of the engine outputs the inference
+thread made for it; that never blocks either.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from streamer import protocol as p
 from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
+from streamer.results_writer import ResultBlock, ResultsWriter
 
 log = logging.getLogger(__name__)
 MAX_ACQUISITIONS = 1024  # per-acquisition counts kept for end reports
@@ -46,6 +52,10 @@ class DecisionBlock:
     columns: Columns | None = None  # None for an error block
     error: str = ""
     late: bool = False  # already known late (expired before inference)
+    # Only with --results (None otherwise): copies the block owns, not engine buffers.
+    capture_ns: np.ndarray | None = None  # int64 [n], the instrument's capture time
+    probabilities: np.ndarray | None = None  # float32 [n, K]
+    embedding: np.ndarray | None = None  # float32 [n, k], the components the results file keeps
 
 
 @dataclass(slots=True)
@@ -78,9 +88,10 @@ class AcquisitionCounts:
 
 class Emitter(threading.Thread):
     def __init__(self, sockets: dict[str, zmq.Socket], metrics: Metrics, worker: str, margin_ns: int,
-                 capacity: int, linger_ms: int = 2000) -> None:
+                 capacity: int, linger_ms: int = 2000, results: ResultsWriter | None = None) -> None:
         super().__init__(name="flowsort-emitter", daemon=True)
         self.sockets = sockets  # "push" / "pub" -> socket, used by this thread only once started
+        self.results = results  # --results: decided cells go on to the FCS writer once sent
         self.metrics = metrics
         self.worker = worker
         self.margin_ns = margin_ns
@@ -151,6 +162,8 @@ class Emitter(threading.Thread):
             counts = self._counts.pop(item.acquisition, AcquisitionCounts())
             self._send(codec.encode_message(p.END, self.worker, self._next_seq(), {
                 p.ACQUISITION: item.acquisition, p.RECEIVED_NS: item.received_ns, p.REPORT: counts.as_dict()}), 0)
+            if self.results is not None:
+                self.results.end(item.acquisition)
         elif isinstance(item, Pong):
             fields = {p.NONCE: item.nonce, p.RECEIVED_NS: item.received_ns, **item.status}
             if item.acquisition is not None:
@@ -202,6 +215,20 @@ class Emitter(threading.Thread):
         # Counted before sending: whoever holds a decision finds it in the metrics.
         self._account(block, gate, late, latency)
         self._send(payload, n)
+        if self.results is not None:
+            self._post_results(block, late)
+
+    def _post_results(self, block: DecisionBlock, late: np.ndarray) -> None:
+        """Hand the block, as sent, to the FCS writer: events where classified, a count where not."""
+        if block.columns is None:
+            self.results.unclassified(block.acquisition, block.error, len(block.event_ids))
+        elif block.probabilities is None:  # cannot happen with --results: the inference thread copies them
+            self._ratelog.log(logging.ERROR, "results", "decisions without engine outputs: not in the FCS results")
+            self.metrics.results_dropped.inc(len(block.event_ids))
+        else:
+            self.results.post(ResultBlock(block.acquisition, block.bundle, block.policy, block.event_ids,
+                                          block.capture_ns, block.probabilities, block.embedding, block.columns,
+                                          late))
 
     def _send(self, payload: bytes, cells: int) -> None:
         for name, socket in self.sockets.items():

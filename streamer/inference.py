@@ -14,6 +14,12 @@ An engine failure answers the batch's cells with ``engine_error`` decisions;
 batch succeeds again. A reload hands a new :class:`~streamer.model.Model`
 to :meth:`Dispatcher.swap`: batches in flight finish on the old engine, the
 queue is kept, the next batch runs on the new one.
+
+With ``flowsort serve --results`` (``results_embedding`` set), each decision
+block also carries the cells' capture times and copies of their
+probabilities and first embedding components: the engine's output buffers
+are reused two batches later, long before the results thread writes them.
+Without it nothing is gathered or copied.
 """
 
 from __future__ import annotations
@@ -48,15 +54,18 @@ class Flight:
     event_ids: np.ndarray | None = None
     arrivals: np.ndarray | None = None
     deadlines: np.ndarray | None = None
+    capture_ns: np.ndarray | None = None  # only with --results
     acquisitions: list[tuple[str, int]] | None = None  # (acquisition, cells) runs in batch order
     submitted_ns: int = 0
 
 
 class Dispatcher(threading.Thread):
     def __init__(self, model: Model, batcher: Batcher, emitter: Emitter, metrics: Metrics,
-                 max_failures: int, reject_interval: float) -> None:
+                 max_failures: int, reject_interval: float, results_embedding: int | None = None) -> None:
         super().__init__(name="flowsort-inference", daemon=True)
         self.model = model
+        # --results: embedding components to keep with each block's outputs; None: results off, nothing copied.
+        self.results_embedding = results_embedding
         self.batcher = batcher
         self.emitter = emitter
         self.metrics = metrics
@@ -207,24 +216,29 @@ class Dispatcher(threading.Thread):
         flight = Flight(batch, model)
         pieces = batch.pieces
         shape = model.engine.input_shape
+        keep = self.results_embedding is not None
         if len(pieces) == 1:
             piece = pieces[0]
             segment = piece.segment
             flight.event_ids = segment.event_ids[piece.index]
             flight.arrivals = np.full(batch.cells, segment.arrival_ns, np.int64)
             flight.deadlines = segment.deadlines[piece.index]
+            if keep:
+                flight.capture_ns = segment.capture_ns[piece.index]
             flight.acquisitions = [(segment.acquisition, batch.cells)]
             if batch.size == batch.cells and segment.pixels.shape[1:] == shape:
                 cells = segment.pixels[piece.index]
             else:
                 cells = self._gather(pieces, batch.size, model)
         else:
-            ids, arrivals, deadlines, runs = [], [], [], []
+            ids, arrivals, deadlines, captures, runs = [], [], [], [], []
             for piece in pieces:
                 segment, index, count = piece.segment, piece.index, piece.count
                 ids.append(segment.event_ids[index])
                 arrivals.append(np.full(count, segment.arrival_ns, np.int64))
                 deadlines.append(segment.deadlines[index])
+                if keep:
+                    captures.append(segment.capture_ns[index])
                 if runs and runs[-1][0] == segment.acquisition:
                     runs[-1] = (segment.acquisition, runs[-1][1] + count)
                 else:
@@ -232,6 +246,8 @@ class Dispatcher(threading.Thread):
             flight.event_ids = np.concatenate(ids)
             flight.arrivals = np.concatenate(arrivals)
             flight.deadlines = np.concatenate(deadlines)
+            if keep:
+                flight.capture_ns = np.concatenate(captures)
             flight.acquisitions = runs
             cells = self._gather(pieces, batch.size, model)
         flight.submitted_ns = time.perf_counter_ns()
@@ -286,12 +302,21 @@ class Dispatcher(threading.Thread):
             if self.failing:
                 self.failing = False
                 log.warning("engine recovered: ready again")
+        probabilities = embedding = None
+        if self.results_embedding is not None:  # copies: the engine reuses these buffers two batches on
+            probabilities = outputs.probabilities[:n].copy()
+            embedding = outputs.embedding[:n, :self.results_embedding].copy()
         start = 0
         for acquisition, count in flight.acquisitions:
             stop = start + count
             part = columns if count == n else type(columns)(*(c[start:stop] for c in columns))
-            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
-                                            flight.deadlines[start:stop], model.bundle_hash, model.policy, part))
+            block = DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
+                                  flight.deadlines[start:stop], model.bundle_hash, model.policy, part)
+            if probabilities is not None:
+                block.capture_ns = flight.capture_ns[start:stop]
+                block.probabilities = probabilities[start:stop]
+                block.embedding = embedding[start:stop]
+            self.emitter.post(block)
             start = stop
         self._pass_markers(batch)
 

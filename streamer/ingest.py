@@ -219,7 +219,7 @@ class Ingest(threading.Thread):
 
     def _cells_message(self, message: p.CellsMessage, received: int, received_wall: int) -> None:
         pixels, bad = self.adapter.prepare(message)
-        ids = message.event_ids
+        ids, capture = message.event_ids, message.capture_ns
         deadlines, earliest = self._deadlines(message, received, received_wall)
         if bad is not None:
             if bad.all():
@@ -227,9 +227,10 @@ class Ingest(threading.Thread):
             self.reject(Rejected(Reason.NON_FINITE, f"{int(bad.sum())} of {len(bad)} cells hold NaN or inf pixels",
                                  message.acquisition, ids[bad]), received, whole=False)
             good = ~bad
-            pixels, ids, deadlines = pixels[good], ids[good], deadlines[good]
+            pixels, ids, capture, deadlines = pixels[good], ids[good], capture[good], deadlines[good]
             earliest = int(deadlines.min())
-        segment = Segment(message.acquisition, ids, pixels, received, deadlines, min_deadline=earliest)
+        segment = Segment(message.acquisition, ids, pixels, received, deadlines, min_deadline=earliest,
+                          capture_ns=capture)
         accepted, dropped = self.queue(segment)
         if dropped:
             reason = Reason.OVERLOAD_DROPPED if accepted else Reason.OVERLOAD_REFUSED

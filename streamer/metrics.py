@@ -101,6 +101,9 @@ class Metrics:
                                          "ZMQ_MAXMSGSIZE)", ["event"], registry=r)
         self.records_written = Counter("flowsort_records_written", "Messages appended to the acquisition file",
                                        registry=r)
+        self.results_dropped = Counter("flowsort_results_dropped",
+                                       "Decided cells not written to the FCS results (writer queue full or write "
+                                       "failed)", registry=r)
         self.queue_depth = Gauge("flowsort_queue_depth", "Cells waiting for the engine", registry=r)
         self.queue_capacity = Gauge("flowsort_queue_capacity", "Capacity of the ingest queue, cells", registry=r)
         self.ready = Gauge("flowsort_ready", "1 when the engine is warm and sockets bound", registry=r)

@@ -9,14 +9,18 @@ A PATH containing ``{acquisition}`` gets one file per acquisition, finished
 when the acquisition's ``end`` has been handled (:meth:`end`) or at stop; a
 plain PATH holds every cell of the run in one file, finished at stop. A file
 is never overwritten: a name in use gets ``-2``, ``-3``, ... A reload that
-changes the classes, gates or embedding finishes the open files and starts
-new ones. Until finished, each file is ``NAME.fcs.partial`` (see
-:mod:`streamer.fcs`).
+changes the classes, gates, dead threshold, embedding or bundle finishes the
+open files and starts new ones, so every event of a file was decided by the
+model and policy its keywords name. Cells answered with an error are not
+events: :meth:`ResultsWriter.unclassified` counts them, by reason, in the
+file's FLOWSORT_UNCLASSIFIED_<REASON> keywords. Until finished, each file is
+``NAME.fcs.partial`` (see :mod:`streamer.fcs`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -27,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flowsort.errors import UserError
 from streamer.fcs import PARTIAL_SUFFIX, FcsWriter
 from streamer.policy import Columns, Policy
+from streamer.ratelog import RateLimitedLog
 from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,7 @@ class _End:
 class _File:
     writer: FcsWriter
     layout: ResultLayout
+    bundle: str
     start_ns: int
     end_ns: int = 0
     acquisitions: set[str] = field(default_factory=set)
@@ -67,6 +74,23 @@ class _File:
 def safe_file_part(name: str) -> str:
     """An acquisition name usable inside a file name."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name).strip(".") or "unnamed"
+
+
+def check_results_path(path: str | Path) -> Path:
+    """Create the folder results will be written in and check it is writable (at start, not at the first cell).
+
+    With ``{acquisition}`` in a folder name, the folder above it. Returns the folder.
+    """
+    folder = Path(path).parent
+    while PLACEHOLDER in str(folder):
+        folder = folder.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"results {path}: cannot create the folder {folder}: {exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"results {path}: the folder {folder} is not writable")
+    return folder
 
 
 class ResultsWriter(threading.Thread):
@@ -82,19 +106,35 @@ class ResultsWriter(threading.Thread):
         self.written: list[Path] = []  # finished files, in order
         self._files: dict[str, _File] = {}  # by file key (the acquisition, or "" for one file)
         self._dropped: Counter[str] = Counter()  # events dropped, by file key
+        self._unclassified: dict[str, Counter[str]] = {}  # cells that are not events, by file key and reason
         self._queue: deque[ResultBlock | _End] = deque()
+        self._blocks = 0  # ResultBlocks in the queue
         self._cond = threading.Condition()
         self._stopping = False
+        self._ratelog = RateLimitedLog(log, 5.0)
 
     # ------------------------------------------------------------------ any thread
 
     def post(self, block: ResultBlock) -> None:
         """Queue decided cells; never blocks (past ``capacity`` blocks the oldest is dropped and counted)."""
         with self._cond:
-            if len(self._queue) >= self.capacity:
-                self._count_drop(self._queue.popleft())
+            if self._blocks >= self.capacity:
+                # The oldest block, not an end: that one is a few bytes and still finishes its file.
+                index = next(i for i, item in enumerate(self._queue) if isinstance(item, ResultBlock))
+                self._count_drop(self._queue[index])
+                del self._queue[index]
+                self._blocks -= 1
             self._queue.append(block)
+            self._blocks += 1
             self._cond.notify()
+
+    def unclassified(self, acquisition: str, reason: str, count: int) -> None:
+        """Count cells answered with an error (``reason``): not events, but named in the file's keywords."""
+        with self._cond:
+            counts = self._unclassified.get(self._key(acquisition))
+            if counts is None:
+                counts = self._unclassified[self._key(acquisition)] = Counter()
+            counts[reason] += count
 
     def end(self, acquisition: str) -> None:
         """The acquisition is over: finish its file (with a per-acquisition PATH) after its queued cells."""
@@ -126,14 +166,17 @@ class ResultsWriter(threading.Thread):
                         break
                     items = list(self._queue)
                     self._queue.clear()
+                    self._blocks = 0
                 for item in items:
                     try:
                         if isinstance(item, ResultBlock):
                             self._write(item)
                         elif self.per_acquisition:
                             self._finish(self._key(item.acquisition))
-                    except Exception:  # a full disk must not end the thread: count the cells, go on
-                        log.exception("could not write results for acquisition %r", item.acquisition)
+                    except Exception as exc:  # a full disk must not end the thread: count the cells, go on
+                        self._ratelog.log(logging.ERROR, "write", "could not write results for acquisition %r "
+                                          "(%s: %s): its cells are counted as dropped", item.acquisition,
+                                          type(exc).__name__, exc)
                         with self._cond:
                             self._count_drop(item)
         finally:
@@ -150,8 +193,9 @@ class ResultsWriter(threading.Thread):
         key = self._key(block.acquisition)
         layout = ResultLayout.for_policy(block.policy, block.embedding.shape[1], self.embedding)
         file = self._files.get(key)
-        if file is not None and file.layout != layout:
-            log.info("results: classes, gates or embedding changed: finishing %s", file.writer.path)
+        if file is not None and (file.layout != layout or file.bundle != block.bundle):
+            log.info("results: bundle, classes, gates, dead threshold or embedding changed: finishing %s",
+                     file.writer.path)
             self._finish(key)
             file = None
         if file is None:
@@ -159,7 +203,7 @@ class ResultsWriter(threading.Thread):
             path = self._free_path(block.acquisition)
             writer = FcsWriter(path, layout.parameters(), layout.keywords(block.acquisition, block.bundle, start_ns),
                                self.datatype)
-            file = self._files[key] = _File(writer, layout, start_ns)
+            file = self._files[key] = _File(writer, layout, block.bundle, start_ns)
             log.info("results: writing %s", writer.partial)
         file.writer.append(layout.rows(block.event_ids, block.capture_ns, file.start_ns, block.probabilities,
                                        block.embedding, block.columns, block.late))
@@ -168,11 +212,13 @@ class ResultsWriter(threading.Thread):
 
     def _finish(self, key: str) -> None:
         file = self._files.pop(key, None)
-        if file is None:
-            return
         with self._cond:
+            unclassified = self._unclassified.pop(key, Counter())
+            if file is None:
+                return
             dropped = self._dropped.pop(key, 0)
-        keywords = closing_keywords(file.end_ns or time.time_ns(), {}, float(file.writer.maxima[0]), self.datatype)
+        keywords = closing_keywords(file.end_ns or time.time_ns(), unclassified, float(file.writer.maxima[0]),
+                                    self.datatype)
         keywords["FLOWSORT_DROPPED_EVENTS"] = str(dropped)
         keywords["FLOWSORT_ACQUISITION_COUNT"] = str(len(file.acquisitions))
         self.written.append(file.writer.close(keywords))

@@ -5,13 +5,15 @@ Threads (each owns its sockets; none waits on another's work):
 * ingest (:mod:`streamer.ingest`): PULL socket -> validation -> queue;
 * inference (:mod:`streamer.inference`): queue -> batches -> engine -> policy;
 * emitter (:mod:`streamer.emitter`): decisions -> PUSH (sorter) and PUB (monitors);
+* results, with ``--results`` (:mod:`streamer.results_writer`): sent decisions -> FCS files;
 * HTTP (:mod:`streamer.health`): /metrics, /healthz, /readyz;
 * ZAP authenticator with CURVE (:mod:`streamer.security`);
 * the caller's (main) thread only waits for signals: :meth:`Service.request_stop`
   (SIGINT/SIGTERM) stops ingest, drains every queued cell (decided, or answered
-  late), sends everything and returns; :meth:`Service.request_reload` (SIGHUP)
-  re-reads the config and the bundle, builds and warms a new engine beside the
-  running one and swaps it in between two batches, keeping the queue.
+  late), sends everything, finishes the results files and returns;
+  :meth:`Service.request_reload` (SIGHUP) re-reads the config and the bundle,
+  builds and warms a new engine beside the running one and swaps it in between
+  two batches, keeping the queue.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from streamer.ingest import Ingest, InputAdapter
 from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model
 from streamer.recording import AcquisitionWriter
+from streamer.results_writer import ResultsWriter, check_results_path
 from streamer.security import Curve, allowed_client_keys, configure_socket, exposed_endpoints, load_public_key
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,15 @@ def check_exposure(config: StreamerConfig, insecure: bool) -> None:
 class Service:
     def __init__(self, bundle_path: str | Path, config: StreamerConfig, *, config_path: str | Path | None = None,
                  insecure: bool = False, record: str | Path | None = None, ready_file: str | Path | None = None,
-                 engine_factory: EngineFactory | None = None) -> None:
+                 results: str | Path | None = None, engine_factory: EngineFactory | None = None) -> None:
         self.bundle_path = Path(bundle_path)
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.insecure = insecure
         self.record = Path(record) if record else (config.path(config.service.record) if config.service.record else None)
+        # FCS results: a path template ({acquisition} kept as is), relative to the config's folder when from it.
+        self.results_path = (str(results) if results else
+                             str(config.path(config.service.results)) if config.service.results else None)
         self.ready_file = Path(ready_file) if ready_file else None
         self.engine_factory = engine_factory
         self.worker = config.worker
@@ -82,6 +88,7 @@ class Service:
         self.dispatcher: Dispatcher | None = None
         self.ingest: Ingest | None = None
         self.recorder: AcquisitionWriter | None = None
+        self.results: ResultsWriter | None = None
         self.started = False
         self.stopping = False
         self.stopped = False
@@ -117,6 +124,8 @@ class Service:
         return self
 
     def _start(self, config: StreamerConfig) -> None:
+        if self.results_path is not None:
+            check_results_path(self.results_path)  # an unwritable folder fails the start, not every cell later
         model = self.model = build_model(self.bundle_path, config, self.engine_factory)
         self.metrics.set_engine(model.description)
         self.metrics.queue_capacity.set(config.batching.queue_cells)
@@ -152,12 +161,19 @@ class Service:
             self.recorder = AcquisitionWriter(self.record, {"worker": self.worker, "bundle": model.bundle_hash})
             self.endpoints["record"] = str(self.record)
 
+        if self.results_path is not None:
+            self.results = ResultsWriter(self.results_path, on_drop=self.metrics.results_dropped.inc)
+            self.results.start()
+            self.endpoints["results"] = self.results_path
+
         margin_ns = int(config.deadline.margin_us * 1000)
-        self.emitter = Emitter(outputs, self.metrics, self.worker, margin_ns, config.batching.emit_queue_messages)
+        self.emitter = Emitter(outputs, self.metrics, self.worker, margin_ns, config.batching.emit_queue_messages,
+                               results=self.results)
         batcher = Batcher(model.planner, int(config.batching.max_delay_us * 1000), config.batching.queue_cells,
                           config.batching.overload, config.batching.adaptive_delay)
         self.dispatcher = Dispatcher(model, batcher, self.emitter, self.metrics,
-                                     config.engine.max_consecutive_failures, config.logging.reject_interval_s)
+                                     config.engine.max_consecutive_failures, config.logging.reject_interval_s,
+                                     results_embedding=self.results.embedding if self.results else None)
         self.dispatcher.on_swap = self._swapped
         limits = Limits(max_cells=config.ingest.max_cells_per_message, max_side=config.ingest.max_image_side,
                         max_message_bytes=config.ingest.max_message_bytes)
@@ -338,13 +354,27 @@ class Service:
         if self.emitter is not None:
             self.emitter.stop()
             self.emitter.join(timeout)
+        self._stop_results(timeout)
         self.close()
         received = self.metrics.registry.get_sample_value("flowsort_cells_received_total") or 0
         log.info("stopped: %d cells received", received)
 
+    def _stop_results(self, timeout: float) -> None:
+        """Write what the emitter handed over and finish every results file (after the emitter has ended)."""
+        results, self.results = self.results, None
+        if results is None:
+            return
+        results.stop()
+        results.join(timeout)
+        if results.is_alive():
+            log.error("results: files not finished in %.0f s; they stay .partial", timeout)
+        elif results.written:
+            log.info("results: %d FCS file(s), the last %s", len(results.written), results.written[-1])
+
     def close(self) -> None:
         """Release everything (after stop, or after a failed start)."""
         self.stopped = True
+        self._stop_results(self.config.service.drain_timeout_s)
         if self.recorder is not None:
             self.recorder.close()
         if self.curve is not None:

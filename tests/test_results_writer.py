@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,63 @@ def test_a_reload_with_other_classes_starts_a_new_file(tmp_path: Path) -> None:
     writer.join(10)
     assert writer.written == [tmp_path / "run.fcs", tmp_path / "run-2.fcs"]
     assert "P_C" in events(tmp_path / "run-2.fcs")[2] and "P_C" not in events(tmp_path / "run.fcs")[2]
+
+
+def test_a_reload_with_another_bundle_starts_a_new_file(tmp_path: Path) -> None:
+    """Same classes and gates, another model: a file's FLOWSORT_BUNDLE must hold for every event in it."""
+    writer = ResultsWriter(tmp_path / "run.fcs")
+    writer.start()
+    writer.post(block("x", [1]))
+    retrained = block("x", [2])
+    retrained.bundle = "otherhash"
+    writer.post(retrained)
+    writer.stop()
+    writer.join(10)
+    assert writer.written == [tmp_path / "run.fcs", tmp_path / "run-2.fcs"]
+    assert events(tmp_path / "run.fcs")[1]["flowsort_bundle"] == "bundlehash"
+    assert events(tmp_path / "run-2.fcs")[1]["flowsort_bundle"] == "otherhash"
+
+
+def test_unclassified_cells_are_counted_in_their_file(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "{acquisition}.fcs")
+    writer.unclassified("a", "non_finite", 2)
+    writer.unclassified("b", "expired", 5)
+    writer.start()
+    writer.post(block("a", [1]))
+    writer.unclassified("a", "non_finite", 1)
+    writer.unclassified("a", "engine_error", 4)
+    writer.unclassified("c", "oversized", 1)  # no classified cell: no file
+    writer.end("a")
+    writer.end("c")
+    writer.stop()
+    writer.join(10)
+    assert writer.written == [tmp_path / "a.fcs"]
+    text = events(tmp_path / "a.fcs")[1]
+    assert text["flowsort_unclassified_non_finite"] == "3" and text["flowsort_unclassified_engine_error"] == "4"
+    assert "flowsort_unclassified_expired" not in text
+
+
+def test_a_full_queue_drops_blocks_never_ends(tmp_path: Path) -> None:
+    writer = ResultsWriter(tmp_path / "{acquisition}.fcs", capacity=2)
+    entered, release = threading.Event(), threading.Event()
+    write = writer._write
+
+    def stalled_write(item: ResultBlock) -> None:  # a disk that stalls after the first block
+        write(item)
+        entered.set()
+        release.wait(10)
+
+    writer._write = stalled_write
+    writer.start()
+    writer.post(block("a", [1]))
+    assert entered.wait(10)
+    writer.end("a")  # at the head of the queue while it overflows
+    for acquisition, event_id in (("b", 2), ("b", 3), ("a", 4)):
+        writer.post(block(acquisition, [event_id]))  # past 2 blocks: drops [2], not the end
+    release.set()
+    writer.stop()
+    writer.join(10)
+    assert [p.name for p in writer.written] == ["a.fcs", "b.fcs", "a-2.fcs"]  # "a" finished at its end
+    assert events(tmp_path / "a.fcs")[0][:, 0].tolist() == [1]
+    rows, text, _ = events(tmp_path / "b.fcs")
+    assert rows[:, 0].tolist() == [3] and text["flowsort_dropped_events"] == "1"

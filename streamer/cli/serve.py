@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="allow non-loopback endpoints without CURVE encryption")
     parser.add_argument("--record", type=Path, default=None, metavar="FILE",
                         help="append every received message to this acquisition file")
+    parser.add_argument("--results", default=None, metavar="PATH",
+                        help="FCS 3.1 results; `{acquisition}` in PATH gives one file per acquisition")
     parser.add_argument("--ready-file", type=Path, default=None, metavar="FILE",
                         help="write the bound endpoints and health URL here (JSON) once ready")
     parser.add_argument("--worker", default=None, help="worker name in outgoing messages (default host:pid)")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         config = replace(config, service=replace(config.service, worker=args.worker))
     service = Service(args.bundle, config, config_path=args.config, insecure=args.insecure, record=args.record,
-                      ready_file=args.ready_file)
+                      ready_file=args.ready_file, results=args.results)
     # Signals are taken synchronously, never delivered to a handler: blocked here, before any thread exists
     # (every thread inherits the mask), and picked up by sigtimedwait in the main loop. Besides being simple,
     # this survives libraries that leave a thread with a dangling alternate signal stack (OpenVINO's CPU
