@@ -19,7 +19,7 @@ from trainer.train import TrainConfig, fit, sampling_weights, stratified_split
 def test_tiny_model_learns_and_generalizes(tiny_bundle: Path) -> None:
     manifest = json.loads((tiny_bundle / "bundle.json").read_text())
     history = manifest["training"]["history"]
-    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
     fresh = generate(700, seed=999, size=40, prior="uniform", dead_fraction=0.0, debris_fraction=0.0)
     predicted = predict(load_deployed(load_bundle(tiny_bundle)), fresh.images).probabilities.argmax(axis=1)
     accuracy = float((predicted == fresh.stage).mean())
