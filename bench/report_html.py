@@ -7,35 +7,13 @@ the same.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
-img { max-width: 100%; }
-.note { color: #555; font-size: 0.9em; }
-.ok { color: #070; } .bad { color: #b00; }
-"""
-
-
-def e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{e(cell)}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
+from flowsort.html_page import escape as e
+from flowsort.html_page import page, png_figure, table
 
 def figure(fig: Any, caption: str) -> str:
     """A matplotlib figure inlined (and closed)."""
@@ -44,14 +22,7 @@ def figure(fig: Any, caption: str) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'><figcaption>{e(caption)}</figcaption></figure>"
-
-
-def page(title: str, sections: Sequence[str]) -> str:
-    body = "\n".join(sections)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title><style>{STYLE}</style></head>\n"
-            f"<body>\n<h1>{e(title)}</h1>\n{body}\n</body></html>\n")
+    return png_figure(buffer.getvalue(), caption)
 
 
 def write(path: Path, title: str, sections: Sequence[str]) -> Path:

@@ -7,32 +7,19 @@ gets separated from its page.
 
 from __future__ import annotations
 
-import base64
-import html
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flowsort.html_page import escape as _e
+from flowsort.html_page import page, png_figure
+from flowsort.html_page import table as _table
 from trainer.evaluation import format_metric
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-td.diagonal { font-weight: bold; }
-figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
-img { max-width: 100%; }
-.note { color: #555; font-size: 0.9em; }
-"""
-
 
 def render_report(report: dict[str, Any], folder: Path) -> str:
     """The page for ``report`` (from :func:`trainer.evaluation.evaluate`), figures read from ``folder``."""
     figures = {name: folder / file for name, file in report.get("figures", {}).items()}
     sections = [
-        f"<h1>flowsort evaluation</h1><p class='note'>model {_e(report['bundle']['path'])} "
+        f"<p class='note'>model {_e(report['bundle']['path'])} "
         f"(ONNX sha256 {_e(report['bundle']['content_hash'][:16])}…) on dataset {_e(report['dataset'].get('path', ''))}, "
         f"{report['dataset']['n_cells']:,} cells</p>",
         _summary(report),
@@ -59,8 +46,7 @@ def render_report(report: dict[str, Any], folder: Path) -> str:
         + _figure(figures.get("examples"), "example cells per class, channels side by side")
         + _figure(figures.get("misclassified"), "misclassified cells by kind of mistake", missing="no misclassified cells")
     )
-    body = "\n".join(sections)
-    return f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>flowsort evaluation</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    return page("flowsort evaluation", sections)
 
 
 def _summary(report: dict[str, Any]) -> str:
@@ -128,24 +114,7 @@ def _dead_cells(report: dict[str, Any], gallery: Path | None) -> str:
     return "<h2>Dead cells</h2>" + _table(("", "value"), rows) + _figure(gallery, "cells with the highest dead-cell scores")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], diagonal: bool = False) -> str:
-    head = "".join(f"<th>{_e(cell)}</th>" for cell in header)
-    body = "".join(
-        "<tr>" + "".join(
-            f"<td{' class=diagonal' if diagonal and column == number + 1 else ''}>{_e(cell)}</td>"
-            for column, cell in enumerate(row)
-        ) + "</tr>"
-        for number, row in enumerate(rows)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _figure(path: Path | None, caption: str, missing: str | None = None) -> str:
     if path is None:
         return f"<p class='note'>{_e(missing)}</p>" if missing else ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'><figcaption>{_e(caption)}</figcaption></figure>"
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    return png_figure(path.read_bytes(), caption)
