@@ -397,7 +397,8 @@ def test_engine_failure_answers_the_batch_and_repeated_failures_make_not_ready(s
     assert all(served.push.rows[int(e)]["error"] == "" for e in ids)
     assert get(served.health + "/readyz")[0] == 200
     after = served.metrics()
-    assert delta(after, before, "flowsort_engine_failures_total") == 3
+    # The batcher may run a 2-cell message as one batch or as two, so 3 to 6 failed batches; every cell is answered.
+    assert 3 <= delta(after, before, "flowsort_engine_failures_total") <= 6
     assert delta(after, before, f'flowsort_cells_failed_total{{reason="{Reason.ENGINE_ERROR}"}}') == 6
 
 
