@@ -16,6 +16,7 @@ import zmq
 
 from streamer import codec
 from streamer import protocol as p
+from streamer.security import attach
 
 
 def _curve_client(socket: zmq.Socket, keys: tuple[bytes, bytes, bytes] | None) -> None:
@@ -34,12 +35,7 @@ class Sender:
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 5000)
         _curve_client(self.socket, curve)
-        if mode == "bind":
-            self.socket.bind(endpoint)
-            self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self.socket.connect(endpoint)
-            self.endpoint = endpoint
+        self.endpoint = attach(self.socket, endpoint, mode)
         self._encoders: dict[tuple[Any, ...], codec.CellsEncoder] = {}
 
     def send(self, frames: Sequence[Any], block: bool = True) -> None:
@@ -83,12 +79,7 @@ class Receiver(threading.Thread):
         if kind == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         _curve_client(self.socket, curve)
-        if mode == "bind":
-            self.socket.bind(endpoint)
-            self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self.socket.connect(endpoint)
-            self.endpoint = endpoint
+        self.endpoint = attach(self.socket, endpoint, mode)
         self.rows: dict[int, dict[str, Any]] = {}
         self.duplicates = 0
         self.batches: list[p.Decisions] = []

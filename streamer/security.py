@@ -157,6 +157,15 @@ class Curve:
         self.authenticator.stop()
 
 
+def attach(socket: zmq.Socket, endpoint: str, mode: str) -> str:
+    """Bind or connect; returns the endpoint actually in use (a bound ephemeral port resolved)."""
+    if mode == "bind":
+        socket.bind(endpoint)
+        return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    socket.connect(endpoint)
+    return endpoint
+
+
 def configure_socket(socket: zmq.Socket, curve: Curve | None, mode: str, server_key: Any) -> None:
     """Make ``socket`` a CURVE server (bind) or client (connect) when CURVE is on."""
     if curve is None:

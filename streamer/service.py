@@ -33,7 +33,7 @@ import zmq
 from flowsort.errors import UserError
 from streamer.batcher import Batcher
 from streamer.codec import Limits
-from streamer.config import BIND, StreamerConfig, load_config
+from streamer.config import StreamerConfig, load_config
 from streamer.emitter import Emitter
 from streamer.health import HealthServer
 from streamer.inference import Dispatcher
@@ -42,7 +42,14 @@ from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model
 from streamer.recording import AcquisitionWriter
 from streamer.results_writer import ResultsWriter, check_results_path
-from streamer.security import Curve, allowed_client_keys, configure_socket, exposed_endpoints, load_public_key
+from streamer.security import (
+    Curve,
+    allowed_client_keys,
+    attach,
+    configure_socket,
+    exposed_endpoints,
+    load_public_key,
+)
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05
@@ -193,11 +200,7 @@ class Service:
         key = load_public_key(server_key, self.config.base_dir) if server_key and self.curve else None
         try:
             configure_socket(socket, self.curve, mode, key)
-            if mode == BIND:
-                socket.bind(endpoint)
-                return socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            socket.connect(endpoint)
-            return endpoint
+            return attach(socket, endpoint, mode)
         except zmq.ZMQError as exc:
             socket.close(linger=0)
             raise UserError(f"[{name}] cannot {mode} {endpoint}: {exc}") from None
