@@ -18,7 +18,8 @@ def sweep(quick_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     engine = engine_for_tests()
     assert main(["bench", "e2e", str(quick_bundle), "--engines", engine, "--levels", "150,300", "--seconds", "1.5",
                  "--growth", "0", "--refine", "0", "--ceiling-seconds", "0.3", "--prior", "uniform", "--pool", "256",
-                 "--transit-ms", "50", "--late-tolerance", "0.02", "--save-decisions", "-o", str(out)]) == 0
+                 "--transit-ms", "50", "--late-tolerance", "0.02", "--max-p99-ms", "50", "--target-rate", "200",
+                 "--target-seconds", "1", "--target-transit-ms", "40", "--save-decisions", "-o", str(out)]) == 0
     return json.loads((out / "e2e.json").read_text()), out
 
 
@@ -26,7 +27,9 @@ def test_report_matches_the_decisions_received(sweep: tuple[dict, Path]) -> None
     report, out = sweep
     (result,) = report["engines"]
     assert [lvl["offered_target"] for lvl in result["levels"]] == [150, 300]
-    for level in result["levels"]:
+    target = result["target_run"]
+    assert target["offered_target"] == 200 and target["transit_ms"] == 40
+    for level in [*result["levels"], target]:
         raw = np.load(level["decisions_file"])
         decided = raw["decided"]
         sent = level["cells_sent"]
@@ -69,6 +72,14 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
     ceiling = result["engine_ceiling"]
     assert ceiling["batch"] == 64 and ceiling["throughput_cells_per_s"] > 0
     assert result["ceiling_ratio"] == pytest.approx(max(sustained) / ceiling["throughput_cells_per_s"])
+    for level in result["levels"]:
+        assert level["sustained"] == (level["dropped"] == 0 and not level["errors"] and level["missing"] == 0
+                                      and level["late"] <= 0.02 * level["cells_sent"]
+                                      and level["latency_ms"]["p99"] <= 50), level["reason"]
+    target = result["target_run"]
+    target_check = next(c for c in report["checks"] if c["check"].startswith("200 cells/s for 1 s, 40 ms deadline"))
+    assert target_check["ok"] == target["ok"] == (target["dropped"] == 0 and target["late"] == 0 and not target["errors"]
+                                                  and target["latency_ms"]["p99"] <= 5)
     assert {c["check"] for c in report["checks"]} >= {"max sustained >= 85% of the engine ceiling"}
     assert report["machine"]["cpus"] and report["date"]
     html = (out / "e2e.html").read_text()
