@@ -75,6 +75,15 @@ class Bundle:
         return float(self.manifest["dead_cell_detector"]["threshold"])
 
     @property
+    def class_prior(self) -> np.ndarray | None:
+        """Class frequencies of the training data the probabilities hold for (None in bundles that lack them)."""
+        counts = self.manifest["provenance"].get("train_class_counts")
+        if not counts:
+            return None
+        values = np.array([float(counts.get(name, 0)) for name in self.class_names])
+        return values / values.sum()
+
+    @property
     def content_hash(self) -> str:
         """Identifies the model: the checksum of its ONNX graph."""
         return self.manifest["files"][ONNX_FILE]["sha256"]

@@ -88,6 +88,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     dead_threshold: float | None = None  # None: the bundle's calibrated threshold
+    sample_prior: tuple[tuple[str, float], ...] = ()  # class -> expected frequency in the sample; () = training mix
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,10 @@ def _coerce(source: str, where: str, name: str, value: Any, default: Any) -> Any
         if not isinstance(value, str):
             raise bad("a string")
         return value
+    if name == "sample_prior":
+        if not isinstance(value, dict) or not all(type(v) in (int, float) for v in value.values()):
+            raise bad("a table of class = frequency")
+        return tuple((key, float(v)) for key, v in value.items())
     if isinstance(default, tuple):
         if not isinstance(value, list):
             raise bad("an array")

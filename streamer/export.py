@@ -30,12 +30,6 @@ from streamer.recording import AcquisitionReader
 from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
 
 
-def policy_for(bundle: Bundle, config: StreamerConfig) -> Policy:
-    """The sort policy the service would run: the config's gates and dead threshold, else the bundle's."""
-    threshold = config.policy.dead_threshold
-    return Policy(bundle.class_names, config.gates, bundle.dead_threshold if threshold is None else threshold)
-
-
 def limits_for(config: StreamerConfig) -> Limits:
     """The service's per-message limits, so the export refuses what the service refused."""
     ingest = config.ingest
@@ -114,9 +108,10 @@ def export_fcs(recording: str | Path, bundle: Bundle, engine: Engine, policy: Po
     def flush() -> None:
         ids, capture, cells = batch.take()
         outputs = predict_all(engine, cells)
-        columns = policy.decide(outputs.probabilities, outputs.dead_score)
+        probabilities = policy.adjust(outputs.probabilities)
+        columns = policy.decide(probabilities, outputs.dead_score)
         late = np.zeros(len(ids), bool)  # offline: no deadline
-        writer.append(layout.rows(ids, capture, start_ns, outputs.probabilities, outputs.embedding, columns, late))
+        writer.append(layout.rows(ids, capture, start_ns, probabilities, outputs.embedding, columns, late))
 
     try:
         for _, frames in AcquisitionReader(recording).messages():

@@ -296,7 +296,8 @@ class Dispatcher(threading.Thread):
         self.metrics.engine_time.observe(elapsed / 1e9)
         self.metrics.batch_size.observe(batch.cells)
         n = batch.cells
-        columns = model.policy.decide(outputs.probabilities[:n], outputs.dead_score[:n])
+        adjusted = model.policy.adjust(outputs.probabilities[:n])
+        columns = model.policy.decide(adjusted, outputs.dead_score[:n])
         if self.failures_in_row:
             self.failures_in_row = 0
             if self.failing:
@@ -304,7 +305,7 @@ class Dispatcher(threading.Thread):
                 log.warning("engine recovered: ready again")
         probabilities = embedding = None
         if self.results_embedding is not None:  # copies: the engine reuses these buffers two batches on
-            probabilities = outputs.probabilities[:n].copy()
+            probabilities = adjusted.copy()
             embedding = outputs.embedding[:n, :self.results_embedding].copy()
         start = 0
         for acquisition, count in flight.acquisitions:

@@ -21,7 +21,7 @@ from engines.base import Engine
 from engines.bundle import Bundle, load_bundle
 from streamer.batcher import Planner
 from streamer.config import StreamerConfig
-from streamer.policy import Policy
+from streamer.policy import Policy, policy_for
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def build_model(bundle_path: str | Path | Bundle, config: StreamerConfig,
                 engine_factory: EngineFactory | None = None) -> Model:
     """Load, warm and time a model; raises UserError for a bad bundle or gate."""
     bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
-    threshold = config.policy.dead_threshold
-    policy = Policy(bundle.class_names, config.gates, bundle.dead_threshold if threshold is None else threshold)
+    policy = policy_for(bundle, config)
     started = time.perf_counter()
     engine = (engine_factory or default_engine)(bundle, config)
     try:

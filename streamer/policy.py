@@ -10,17 +10,27 @@ passes, otherwise it is not sorted. A cell passes a gate when
 
 The label of a cell is its most probable class. Lateness is applied when the
 decision leaves (:func:`apply_late`): a late cell is never sorted.
+
+A model's probabilities hold for the class mix it was trained on. A sample
+with another mix (a real acquisition is ~98% interphase; a training set is
+enriched for mitoses) is told to the policy as ``sample_prior``, and
+:meth:`Policy.adjust` re-weights every cell's probabilities by Bayes' rule,
+p'(c|x) ~ p(c|x) * sample(c) / training(c) (Saerens et al. 2002, Neural
+Comput 14:21), before labels and gates are decided. Without it a rare-class
+gate's purity collapses on a real sample: most of what it sorts is the
+common class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
+from engines.bundle import Bundle
 from flowsort.errors import UserError
-from streamer.config import GateConfig
+from streamer.config import GateConfig, StreamerConfig
 
 NO_GATE = -1
 
@@ -40,6 +50,7 @@ class Policy:
     class_names: tuple[str, ...]
     gates: tuple[GateConfig, ...]
     dead_threshold: float
+    prior_weights: np.ndarray | None = field(default=None, compare=False)  # sample / training class frequency
 
     def __post_init__(self) -> None:
         k, g = len(self.class_names), len(self.gates)
@@ -60,6 +71,14 @@ class Policy:
         object.__setattr__(self, "gate_names", np.array([*(gt.name for gt in self.gates), ""], dtype=object))
         object.__setattr__(self, "gate_streams", np.array([*(gt.stream for gt in self.gates), 0], np.int64))
 
+    def adjust(self, probabilities: np.ndarray) -> np.ndarray:
+        """[N, K] probabilities for the configured sample's class mix (the input itself without one)."""
+        if self.prior_weights is None:
+            return probabilities
+        weighted = probabilities * self.prior_weights
+        weighted /= weighted.sum(axis=1, keepdims=True)
+        return weighted
+
     def decide(self, probabilities: np.ndarray, dead_score: np.ndarray) -> Columns:
         """Label, probability, dead flag and gate for N cells from [N, K] probabilities and [N] dead scores."""
         n = len(probabilities)
@@ -76,6 +95,38 @@ class Policy:
             matched = passes.any(axis=1)
             gate[matched] = passes[matched].argmax(axis=1)
         return Columns(label.astype(np.int16), probability.astype(np.float32), dead, dead_score, gate)
+
+
+def policy_for(bundle: Bundle, config: StreamerConfig) -> Policy:
+    """The sort policy the service runs: the config's gates, dead threshold and sample prior, else the bundle's."""
+    threshold = config.policy.dead_threshold
+    return Policy(bundle.class_names, config.gates, bundle.dead_threshold if threshold is None else threshold,
+                  prior_weights(bundle, dict(config.policy.sample_prior)))
+
+
+def prior_weights(bundle: Bundle, sample_prior: dict[str, float]) -> np.ndarray | None:
+    """Per class, the sample's frequency over the training data's (None without a sample prior)."""
+    if not sample_prior:
+        return None
+    names = bundle.class_names
+    unknown = sorted(set(sample_prior) - set(names))
+    missing = [name for name in names if name not in sample_prior]
+    if unknown or missing:
+        raise UserError(f"[policy] sample_prior must give every class of the bundle ({', '.join(names)}) a frequency"
+                        + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                        + (f"; missing: {', '.join(missing)}" if missing else ""))
+    sample = np.array([sample_prior[name] for name in names], np.float64)
+    if not np.all(np.isfinite(sample)) or np.any(sample <= 0):
+        raise UserError(f"[policy] sample_prior frequencies must be positive numbers, got {sample_prior}")
+    training = bundle.class_prior
+    if training is None:
+        raise UserError(f"bundle {bundle.path} does not record its training class frequencies, so [policy] "
+                        "sample_prior cannot be applied: retrain it with this flowsort version, or remove sample_prior")
+    unseen = [name for name, share in zip(names, training) if share <= 0]
+    if unseen:
+        raise UserError(f"[policy] sample_prior: the bundle saw no training cells of {', '.join(unseen)}, "
+                        "so its probabilities cannot be re-weighted to another class mix")
+    return (sample / sample.sum() / training).astype(np.float32)
 
 
 def apply_late(gate: np.ndarray, deadlines: np.ndarray, now_ns: int, margin_ns: int) -> np.ndarray:

@@ -31,6 +31,9 @@ def test_manifest_records_what_the_runtime_needs(tiny_bundle: Path) -> None:
     assert {"flowsort_version", "git_commit", "created"} <= set(provenance)
     images, labels = bundle.validation_cells()
     assert images.dtype == np.uint16 and len(images) == len(labels) == provenance["n_validation"]
+    counts = provenance["train_class_counts"]
+    assert list(counts) == list(bundle.class_names) and sum(counts.values()) == provenance["n_train"]
+    np.testing.assert_allclose(bundle.class_prior, np.array(list(counts.values())) / provenance["n_train"])
 
 
 def test_onnx_agrees_with_torch_on_fresh_random_inputs(tiny_bundle: Path) -> None:

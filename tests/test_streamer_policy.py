@@ -9,7 +9,8 @@ import pytest
 
 from flowsort.errors import UserError
 from streamer.config import ConfigError, GateConfig, load_config, parse_config
-from streamer.policy import NO_GATE, Policy, apply_late
+from engines.bundle import Bundle
+from streamer.policy import NO_GATE, Policy, apply_late, policy_for, prior_weights
 
 CLASSES = ("G1", "S_phase", "G2", "Prophase", "Metaphase")
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,48 @@ def test_gate_with_unknown_class_is_refused() -> None:
         policy(GateConfig("typo", ("Prophasee",)))
 
 
+def bundle_trained_on(counts: dict[str, int] | None) -> Bundle:
+    provenance = {} if counts is None else {"train_class_counts": counts}
+    return Bundle(Path("/bundles/b"), {"class_names": list(CLASSES), "provenance": provenance,
+                                       "dead_cell_detector": {"threshold": 5.0}})
+
+
+def test_sample_prior_reweights_probabilities_by_bayes_rule() -> None:
+    bundle = bundle_trained_on({"G1": 100, "S_phase": 100, "G2": 100, "Prophase": 100, "Metaphase": 100})
+    sample = {"G1": 0.55, "S_phase": 0.27, "G2": 0.16, "Prophase": 0.015, "Metaphase": 0.005}
+    config = parse_config({"policy": {"sample_prior": sample}, "gates": [
+        {"name": "mitotic", "classes": ["Prophase", "Metaphase"], "min_probability": 0.8}]})
+    adjusted_policy = policy_for(bundle, config)
+    row = probabilities([0.0, 0.0, 0.1, 0.85, 0.05])
+    # Trained on an even mix, this cell passes the mitotic gate; in a sample where G2 is ten times as common
+    # as prophase, Bayes' rule says it is most likely G2.
+    assert policy(MITOTIC).decide(row, np.zeros(1, np.float32)).gate[0] == 0
+    adjusted = adjusted_policy.adjust(row)
+    expected = row[0] * np.array(list(sample.values())) / 0.2
+    np.testing.assert_allclose(adjusted[0], expected / expected.sum(), rtol=1e-5)
+    columns = adjusted_policy.decide(adjusted, np.zeros(1, np.float32))
+    assert columns.gate[0] == NO_GATE and CLASSES[columns.label[0]] == "G2"
+    # the training mix itself changes nothing
+    same = parse_config({"policy": {"sample_prior": dict.fromkeys(CLASSES, 1)}})
+    np.testing.assert_allclose(policy_for(bundle, same).adjust(row), row, rtol=1e-6)
+    assert policy_for(bundle, parse_config({})).adjust(row) is row
+
+
+@pytest.mark.parametrize(
+    ("counts", "sample", "message"),
+    [
+        ({c: 10 for c in CLASSES}, {"G1": 1}, "missing: S_phase, G2, Prophase, Metaphase"),
+        ({c: 10 for c in CLASSES}, {**dict.fromkeys(CLASSES, 1), "Anaphase": 1}, "unknown: Anaphase"),
+        ({c: 10 for c in CLASSES}, {**dict.fromkeys(CLASSES, 1), "G1": 0}, "positive"),
+        ({**{c: 10 for c in CLASSES}, "Metaphase": 0}, dict.fromkeys(CLASSES, 1), "no training cells of Metaphase"),
+        (None, dict.fromkeys(CLASSES, 1), "does not record its training class frequencies"),
+    ],
+)
+def test_sample_prior_errors_say_what_to_fix(counts, sample, message) -> None:
+    with pytest.raises(UserError, match=message):
+        prior_weights(bundle_trained_on(counts), sample)
+
+
 def test_example_config_parses_and_documents_every_key() -> None:
     path = REPO / "deploy" / "streamer.toml"
     config = load_config(path)
@@ -115,6 +158,8 @@ def test_example_config_parses_and_documents_every_key() -> None:
         ({"gates": [{"name": "x", "classes": ["G1"]}, {"name": "x", "classes": ["G2"]}]}, r"unique"),
         ({"security": {"curve": True}}, r"secret_key_file"),
         ({"sorter": {}}, r"unknown section"),
+        ({"policy": {"sample_prior": [0.9, 0.1]}}, r"sample_prior must be a table of class = frequency"),
+        ({"policy": {"sample_prior": {"G1": "most"}}}, r"sample_prior must be a table"),
     ],
 )
 def test_config_errors_name_the_key(data, message) -> None:

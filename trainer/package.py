@@ -139,6 +139,9 @@ def write_bundle(
             "dataset_source": dataset.source,
             "dataset_merges": dataset.summary.get("merges", []),
             "n_train": int(len(train_index)),
+            # The class mix the probabilities are calibrated to (the streamer's sample_prior re-weights from it).
+            "train_class_counts": {name: int(count) for name, count in zip(
+                dataset.class_names, np.bincount(dataset.labels[train_index].astype(np.int64), minlength=len(dataset.class_names)))},
             "n_validation": int(len(validation_index)),
             "seed": config.seed,
             "flowsort_version": __version__,

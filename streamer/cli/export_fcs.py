@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     import engines
     from engines.bundle import load_bundle
     from streamer.config import load_config
-    from streamer.export import export_fcs, limits_for, policy_for
+    from streamer.export import export_fcs, limits_for
+    from streamer.policy import policy_for
 
     config = load_config(args.config)
     if args.engine or args.precision:
