@@ -169,6 +169,7 @@ class Sweep:
         return summary
 
     def measure(self, rate: float, seconds: float, transit_ms: float, acquisition: str, seed: int) -> dict[str, Any]:
+        from bench.link import cpu_use
         from bench.pacing import poisson_times
         from bench.results import raw_arrays, summarize
         from bench.traffic import run_plan
@@ -190,10 +191,7 @@ class Sweep:
         self.progress.update(max(0.0, seconds - shown[0]))
         model = link.model
         summary = summarize(record, link.gates, model.class_names, model.merges)
-        used = link.streamer_cpu_s()
-        if streamer_cpu is not None and used is not None:
-            summary["streamer_cpu_s"] = used - streamer_cpu
-            summary["streamer_cpu_core_fraction"] = (used - streamer_cpu) / record.wall_s
+        summary.update(cpu_use(streamer_cpu, link.streamer_cpu_s(), record.wall_s))
         summary["offered_target"] = rate
         summary["acquisition"] = acquisition
         summary["transit_ms"] = transit_ms
@@ -379,8 +377,10 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(report: dict[str, Any]) -> str:
+    from bench.link import service_and_engine_cores
+
     lines = [f"{'engine':<18} {'offered':>9} {'achieved':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-             f"{'late':>6} {'dropped':>7} {'snd/rcv/srv CPU':>16}  sustained"]
+             f"{'late':>6} {'dropped':>7} {'CPU snd/rcv/svc/eng':>22}  sustained"]
     for result in report["engines"]:
         rows = [(lvl, "yes" if lvl["sustained"] else "no: " + lvl["reason"]) for lvl in result["levels"]]
         if result["target_run"] is not None:
@@ -390,13 +390,13 @@ def table(report: dict[str, Any]) -> str:
         for lvl, verdict in rows:
             lat = lvl["latency_ms"]
             cpu = lvl["cpu"]
-            srv = lvl.get("streamer_cpu_core_fraction")
+            service, engine = service_and_engine_cores(lvl)
             cpu_text = f"{100 * (cpu['sender_core_fraction'] or 0):.0f}%/{100 * (cpu['receiver_core_fraction'] or 0):.0f}%/" \
-                       + ("-" if srv is None else f"{100 * srv:.0f}%")
+                       + ("-/-" if service is None else f"{100 * service:.0f}%/{100 * engine:.0f}%")
             lines.append(
                 f"{result['engine_label'] or result['engine']:<18} {lvl['offered_cells_per_s'] or 0:>9,.0f} "
                 f"{lvl['throughput_cells_per_s']:>9,.0f} {_n(lat['p50'])} {_n(lat['p95'])} {_n(lat['p99'])} {_n(lat['max'])} "
-                f"{lvl['late']:>6} {lvl['dropped']:>7} {cpu_text:>16}  {verdict}")
+                f"{lvl['late']:>6} {lvl['dropped']:>7} {cpu_text:>22}  {verdict}")
         ceiling = result["engine_ceiling"]["throughput_cells_per_s"]
         best = result["max_sustained_cells_per_s"]
         ratio = result["ceiling_ratio"]
@@ -414,6 +414,7 @@ def _n(value: float | None) -> str:
 
 
 def write_html(report: dict[str, Any], path: Path) -> Path:
+    from bench.link import service_and_engine_cores
     from bench.report_html import e, figure, fmt, pct, plain_log_labels, pyplot, series_figure, write
     from bench.report_html import table as html_table
 
@@ -485,13 +486,15 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
             rows.append((fmt(lvl["offered_target"], "", 0), fmt(lvl["offered_cells_per_s"], "", 0),
                          fmt(lvl["throughput_cells_per_s"], "", 0), *(fmt(lat[k], "", 2) for k in ("p50", "p95", "p99", "max")),
                          fmt(lvl["late"]), fmt(lvl["dropped"]), pct(cpu["sender_core_fraction"]),
-                         pct(cpu["receiver_core_fraction"]), pct(lvl.get("streamer_cpu_core_fraction")),
+                         pct(cpu["receiver_core_fraction"]), *(pct(v) for v in service_and_engine_cores(lvl)),
                          verdict, gates))
         sections.append(html_table(("target", "offered", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "late",
-                                    "dropped", "sender CPU", "receiver CPU", "streamer CPU (cores)", "sustained", "gates"),
+                                    "dropped", "sender CPU", "receiver CPU", "streamer threads CPU", "engine CPU", "sustained",
+                                    "gates"),
                                    rows))
-    sections.append("<p class='note'>CPU is the share of one core over the level (sender and receiver threads of the "
-                    "bench; the streamer process, all its threads). Latency: capture time stamped by the sender "
+    sections.append("<p class='note'>CPU is the share of one core over the level: the sender and receiver threads of "
+                    "the bench; the streamer's own threads (ingest, inference, emitter, results) and the rest of its "
+                    "process (the engine's worker threads, ZeroMQ I/O, HTTP). Latency: capture time stamped by the sender "
                     "(the Poisson schedule) to the decision's arrival at the receiver.</p>")
     return write(path, "flowsort bench e2e", sections)
 

@@ -112,21 +112,58 @@ class Link:
     config: dict[str, Any] = field(default_factory=dict)
     engine: str = ""  # from the streamer's pong, e.g. "openvino bf16"
 
-    def streamer_cpu_s(self) -> float | None:
-        """CPU seconds the streamer process has used (Linux /proc; None when unknown or not ours)."""
+    def streamer_cpu_s(self) -> dict[str, float] | None:
+        """CPU seconds the streamer process has used, per thread group (None when unknown or not ours)."""
         if self.served is None:
             return None
-        return process_cpu_s(self.served.process.pid)
+        return thread_cpu_s(self.served.process.pid)
 
 
-def process_cpu_s(pid: int) -> float | None:
+ENGINE_AND_OTHER = "engine and other"
+
+
+def thread_cpu_s(pid: int) -> dict[str, float] | None:
+    """CPU seconds per service thread (named by :mod:`streamer.threadnames`), the rest (the engine's worker
+    threads, ZeroMQ's I/O thread, HTTP) together, and the ``total`` (Linux /proc)."""
     import os
 
+    from streamer.threadnames import SERVICE_THREADS
+
+    tick = os.sysconf("SC_CLK_TCK")
+    used = dict.fromkeys(SERVICE_THREADS, 0.0) | {ENGINE_AND_OTHER: 0.0}
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / tick  # every thread's, ended ones included
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            used[name if name in used else ENGINE_AND_OTHER] += (int(fields[11]) + int(fields[12])) / tick
     except (OSError, IndexError, ValueError):
         return None
+    used[ENGINE_AND_OTHER] += max(0.0, total - sum(used.values()))  # threads that ended since
+    used["total"] = total
+    return used
+
+
+def service_and_engine_cores(summary: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Cores the streamer's own threads (ingest, inference, emitter, results) used, and the rest (the engine)."""
+    threads = summary.get("streamer_threads_cores")
+    if not threads:
+        return None, None
+    return sum(v for k, v in threads.items() if k != ENGINE_AND_OTHER), threads[ENGINE_AND_OTHER]
+
+
+def cpu_use(before: dict[str, float] | None, after: dict[str, float] | None, wall_s: float) -> dict[str, Any]:
+    """Summary fields for the streamer's CPU between two :func:`thread_cpu_s` readings (cores = CPU s / wall s)."""
+    if before is None or after is None or wall_s <= 0:
+        return {"streamer_cpu_s": None, "streamer_cpu_core_fraction": None, "streamer_threads_cores": None}
+    return {"streamer_cpu_s": after["total"] - before["total"],
+            "streamer_cpu_core_fraction": (after["total"] - before["total"]) / wall_s,
+            "streamer_threads_cores": {name: (after[name] - before.get(name, 0.0)) / wall_s
+                                       for name in after if name != "total"}}
 
 
 def _connect_endpoint(endpoint: str) -> str:

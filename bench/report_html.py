@@ -118,6 +118,11 @@ def run_sections(summary: dict[str, Any], deadline_ms: float | None = None) -> l
     ]
     if summary.get("streamer_cpu_core_fraction") is not None:
         rows.append(("CPU: streamer process (cores)", f"{summary['streamer_cpu_core_fraction']:.2f}"))
+        from bench.link import service_and_engine_cores
+
+        service, engine = service_and_engine_cores(summary)
+        if service is not None:
+            rows.append(("CPU: streamer's own threads / engine and other (cores)", f"{service:.2f} / {engine:.2f}"))
     sections = ["<h2>Run</h2>" + table(("", "value"), rows)]
     gates = summary.get("gates") or []
     if gates:

@@ -21,7 +21,7 @@ import numpy as np
 from bench.acquisition import CellSet
 from bench.cli_args import DEFAULT_TRANSIT_MS
 from bench.dashboard import Dashboard, LiveView
-from bench.link import Link
+from bench.link import Link, cpu_use, service_and_engine_cores
 from bench.pacing import fixed_times, poisson_times
 from bench.results import summarize
 from bench.traffic import CellMessages, Collector, PacedSender, Plan, RunRecord, handshake, push_socket, run_plan
@@ -75,9 +75,7 @@ def live_run(link: Link, plan: Plan, *, title: str, dashboard: bool = True, targ
             board.draw(view.snapshot(final, record.sent_at[-1] if len(record.sent_at) else 0.0), final=True)
         summary = summarize(record, link.gates, classes, merges)
         if streamer_cpu is not None:
-            used = link.streamer_cpu_s()
-            summary["streamer_cpu_s"] = used - streamer_cpu if used is not None else None
-            summary["streamer_cpu_core_fraction"] = summary["streamer_cpu_s"] / record.wall_s if used is not None else None
+            summary.update(cpu_use(streamer_cpu, link.streamer_cpu_s(), record.wall_s))
         summary["engine"] = link.engine
         if send_end:
             since = len(collector.others)
@@ -132,6 +130,9 @@ def print_summary(summary: dict[str, Any], deadline_ms: float | None = None) -> 
             f"{100 * (cpu['receiver_core_fraction'] or 0):.1f}%")
     if summary.get("streamer_cpu_core_fraction") is not None:
         line += f", streamer {summary['streamer_cpu_core_fraction']:.2f} cores"
+        service, engine = service_and_engine_cores(summary)
+        if service is not None:
+            line += f" (its own threads {service:.2f}, engine and other {engine:.2f})"
     pacing = summary["pacing"]
     print(line + f"; pacing {100 * pacing['rate_error']:+.2f}% of the scheduled rate, lag p99 {pacing['lag_p99_us']:.0f} µs")
 

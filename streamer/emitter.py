@@ -33,6 +33,7 @@ from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
 from streamer.results_writer import ResultBlock, ResultsWriter
+from streamer.threadnames import EMITTER, name_os_thread
 
 log = logging.getLogger(__name__)
 MAX_ACQUISITIONS = 1024  # per-acquisition counts kept for end reports
@@ -135,6 +136,7 @@ class Emitter(threading.Thread):
     # ------------------------------------------------------------------ the thread
 
     def run(self) -> None:
+        name_os_thread(EMITTER)
         try:
             while True:
                 with self._cond:

@@ -42,6 +42,7 @@ from streamer.metrics import Metrics
 from streamer.model import Model
 from streamer.protocol import Reason
 from streamer.ratelog import RateLimitedLog
+from streamer.threadnames import INFERENCE, name_os_thread
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -129,6 +130,7 @@ class Dispatcher(threading.Thread):
     # ------------------------------------------------------------------ the thread
 
     def run(self) -> None:
+        name_os_thread(INFERENCE)
         try:
             self._loop()
         except Exception:

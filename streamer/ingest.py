@@ -30,6 +30,7 @@ from streamer.metrics import Metrics
 from streamer.protocol import Reason, Rejected
 from streamer.ratelog import RateLimitedLog, describe_ids
 from streamer.recording import AcquisitionWriter
+from streamer.threadnames import INGEST, name_os_thread
 
 log = logging.getLogger(__name__)
 BURST = 512  # messages read per wakeup before looking at the monitor and the stop flag
@@ -112,6 +113,7 @@ class Ingest(threading.Thread):
         self.stop_event.set()
 
     def run(self) -> None:
+        name_os_thread(INGEST)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.monitor is not None:

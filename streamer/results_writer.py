@@ -36,6 +36,7 @@ from streamer.fcs import PARTIAL_SUFFIX, FcsWriter
 from streamer.policy import Columns, Policy
 from streamer.ratelog import RateLimitedLog
 from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
+from streamer.threadnames import RESULTS, name_os_thread
 
 log = logging.getLogger(__name__)
 PLACEHOLDER = "{acquisition}"
@@ -157,6 +158,7 @@ class ResultsWriter(threading.Thread):
     # ------------------------------------------------------------------ the thread
 
     def run(self) -> None:
+        name_os_thread(RESULTS)
         try:
             while True:
                 with self._cond:

@@ -72,6 +72,13 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
     ceiling = result["engine_ceiling"]
     assert ceiling["batch"] == 64 and ceiling["throughput_cells_per_s"] > 0
     assert result["ceiling_ratio"] == pytest.approx(max(sustained) / ceiling["throughput_cells_per_s"])
+    # the streamer's CPU split by its named threads adds up to the process's
+    runs = [*result["levels"], result["target_run"]]
+    for level in runs:
+        threads = level["streamer_threads_cores"]
+        assert sum(threads.values()) == pytest.approx(level["streamer_cpu_core_fraction"], abs=0.02)
+    for name in ("fs-ingest", "fs-inference", "fs-emitter", "engine and other"):
+        assert sum(level["streamer_threads_cores"][name] for level in runs) > 0, name
     for level in result["levels"]:
         assert level["sustained"] == (level["dropped"] == 0 and not level["errors"] and level["missing"] == 0
                                       and level["late"] <= 0.02 * level["cells_sent"]

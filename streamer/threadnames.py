@@ -1,0 +1,28 @@
+"""OS-level names for the service's threads, so `top -H`, `ps -L` and the bench can tell them apart.
+
+Python names its threads for itself only; the kernel sees every thread of
+`flowsort serve` as "flowsort", the engine's worker threads included. Each
+service thread names itself when it starts (Linux ``prctl(PR_SET_NAME)``,
+at most 15 bytes; a no-op elsewhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+INGEST, INFERENCE, EMITTER, RESULTS = "fs-ingest", "fs-inference", "fs-emitter", "fs-results"
+SERVICE_THREADS = (INGEST, INFERENCE, EMITTER, RESULTS)
+_PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the kernel's view."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # a name is a convenience, never a reason to fail
