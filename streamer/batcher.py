@@ -14,7 +14,11 @@ batch is due and which cells it holds:
 * a batch merges small segments and splits large ones; its size comes from the
   :class:`Planner`, which knows what each allowed batch size costs on this
   engine and picks the first step of the plan that clears the queue soonest
-  (padding up to an allowed size where that is cheaper than two batches);
+  (padding up to an allowed size where that is cheaper than two batches),
+  capped at the largest size that still finishes before the earliest deadline
+  among the cells it takes (a backlog on an engine whose big batches are only
+  slightly cheaper per cell must not turn into one batch that makes every
+  cell late);
 * cells whose deadline has already passed are not run: they come back as
   ``expired`` to be answered late at once;
 * the queue is bounded in cells: when full, ``drop_oldest`` evicts the oldest
@@ -80,6 +84,13 @@ class Planner:
     def size_for(self, queued: int) -> int:
         """The batch size to run next with ``queued`` cells waiting."""
         return self.first[min(queued, self.max_size)] if queued > 0 else 0
+
+    def fit(self, size: int, budget_ns: float) -> int:
+        """The largest allowed size up to ``size`` that runs within ``budget_ns`` (the smallest if none does)."""
+        for s in reversed(self.sizes):
+            if s <= size and self.costs[s] <= budget_ns:
+                return s
+        return self.sizes[0]
 
     def pad_size(self, cells: int) -> int:
         """The smallest allowed size holding ``cells`` cells."""
@@ -254,10 +265,14 @@ class Batcher:
         by_deadline = self._head_min_deadline() - int(self.planner.cost(size) + backlog_ns)
         return min(by_delay, by_deadline)
 
-    def take(self, now: int) -> Batch:
-        """The cells of the next batch, taken off the queue (call when ``due`` says so)."""
+    def take(self, now: int, backlog_ns: float = 0.0) -> Batch:
+        """The cells of the next batch, taken off the queue (call when ``due`` says so, with the same backlog)."""
         batch = Batch()
-        want = min(self.planner.size_for(self.queued), self.queued)
+        size = self.planner.size_for(self.queued)
+        earliest = self._head_min_deadline() if self.queued else NEVER
+        if now < earliest < NEVER:  # (cells already past their deadline leave as expired, not as a reason to shrink)
+            size = self.planner.fit(size, earliest - now - backlog_ns)
+        want = min(size, self.queued)
         while self.queue and batch.cells < want:
             item = self.queue[0]
             if isinstance(item, Marker):

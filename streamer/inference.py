@@ -151,9 +151,10 @@ class Dispatcher(threading.Thread):
                     now = time.perf_counter_ns()
                     due = None
                     if len(self.inflight) < DEPTH and self._pending_swap is None:
-                        due = self.batcher.due(now, self._backlog(now))
+                        backlog = self._backlog(now)
+                        due = self.batcher.due(now, backlog)
                         if due is not None and due <= now:
-                            batch = self.batcher.take(now)
+                            batch = self.batcher.take(now, backlog)
                             break
                     if self.inflight:
                         break

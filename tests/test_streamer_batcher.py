@@ -95,6 +95,23 @@ def test_deadline_brings_the_batch_forward() -> None:
     assert b.due(0, backlog_ns=1 * MS) == 2 * MS - 1250 * US
 
 
+def test_batch_size_fits_the_earliest_deadline() -> None:
+    # Big batches slightly cheaper per cell: with no deadline a backlog of 8 goes as one batch of 8 (2.6 ms) ...
+    costs = {1: 400 * US, 2: 760 * US, 4: 1400 * US, 8: 2600 * US}
+    b = batcher(costs=costs)
+    b.add(segment(0, 8, arrival=0))
+    assert b.take(0).cells == 8
+    # ... but cells due in 1.5 ms go in the largest batch that finishes by then (4 cells: 1.4 ms), the rest next.
+    b.add(segment(10, 16, arrival=0, deadline=1500 * US))
+    assert b.take(0).cells == 4
+    # an engine busy for another 0.5 ms leaves 1 ms: 2 cells; busy for 1 ms leaves 0.5 ms: 1
+    assert b.take(0, backlog_ns=500 * US).cells == 2
+    assert b.take(0, backlog_ns=1 * MS).cells == 1
+    # nothing fits at all: the smallest size still runs (its cells come back late, never stuck)
+    assert b.take(0, backlog_ns=5 * MS).cells == 1
+    assert Planner(SIZES, costs).fit(8, 1e12) == 8 and Planner(SIZES, costs).fit(4, 1e12) == 4
+
+
 def test_a_busy_engine_lets_the_batch_grow() -> None:
     b = batcher(max_delay=1 * MS)
     b.add(segment(0, 1, arrival=0))
