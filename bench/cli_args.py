@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_GATE_THRESHOLD = 0.5  # GateConfig's default min_probability
+DEFAULT_GATE_THRESHOLD = 0.9  # GateConfig's default min_probability
 ENGINES = ("auto", "openvino", "torch", "tensorrt")
 # The simulated instrument's defaults (bench.simulator uses them too).
 DEFAULT_RATE = 1000.0

@@ -9,11 +9,11 @@ summary and an HTML report. Needs nothing but the package itself (no real
 data, no network).
 
 The training step is sized for a 2-core machine: width 0.25, 3,000 cells of
-40x40, 5 epochs, about 130 CPU-seconds (roughly 75 s on two idle cores). On
-the simulator's mitosis-enriched sample this gives a mitotic gate of about 83%
-purity and 80% yield at the default threshold (0.5); ``--epochs``, ``--width``
-and ``--cells`` trade time for accuracy. On the Jurkat prior (``--prior
-jurkat``, 2.2% mitotic) such a small model's gate is far less pure.
+40x40, 5 epochs, about 130 CPU-seconds (roughly 75 s on two idle cores).
+``--epochs``, ``--width`` and ``--cells`` trade time for accuracy (purity and
+yield of the mitotic gate at its default threshold, 0.9). On the Jurkat prior
+(``--prior jurkat``, 2.2% mitotic) the streamer needs that class mix as
+``[policy] sample_prior`` in its config to keep the gate pure.
 """
 
 from __future__ import annotations

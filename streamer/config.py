@@ -80,7 +80,9 @@ class EngineConfig:
 class GateConfig:
     name: str
     classes: tuple[str, ...]
-    min_probability: float = 0.5
+    # Purity first, as sorters run by default: with calibrated probabilities (and sample_prior where the sample's
+    # class mix differs from the training data's) every sorted cell is at least this likely to belong to the gate.
+    min_probability: float = 0.9
     exclude_dead: bool = True
     stream: int = 1
 

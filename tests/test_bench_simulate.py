@@ -13,7 +13,7 @@ def test_simulate_record_then_replay_scores_the_same_cells(quick_bundle: Path, t
     engine = engine_for_tests()
     recording = tmp_path / "run.fsacq"
     assert main(["simulate", "--serve", str(quick_bundle), "--engine", engine, "--rate", "300", "--seconds", "1.5",
-                 "--prior", "uniform", "--pool", "256", "--transit-ms", "50", "--truth-in-messages",
+                 "--prior", "uniform", "--pool", "256", "--transit-ms", "50", "--truth-in-messages", "--gate-threshold", "0.5",
                  "--record", str(recording), "--no-dashboard", "-o", str(tmp_path / "sim")]) == 0
     simulated = json.loads((tmp_path / "sim" / "simulate.json").read_text())["summary"]
     assert simulated["cells_sent"] > 300 and simulated["decided"] == simulated["cells_sent"]
