@@ -9,7 +9,6 @@ at most 15 bytes; a no-op elsewhere).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 INGEST, INFERENCE, EMITTER, RESULTS = "fs-ingest", "fs-inference", "fs-emitter", "fs-results"
@@ -22,7 +21,7 @@ def name_os_thread(name: str) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        # The process's own symbols, libc's among them: no library search (find_library runs ldconfig).
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     except (OSError, AttributeError):
         pass  # a name is a convenience, never a reason to fail
