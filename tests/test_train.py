@@ -95,3 +95,7 @@ def test_cross_validation_reports_mean_and_sd(synthetic_dataset: Path) -> None:
     accuracies = [fold["accuracy"] for fold in summary["per_fold"]]
     assert summary["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
     assert summary["accuracy"]["sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    pooled = np.array(summary["confusion_matrix"])
+    assert pooled.sum() == len(labeled)  # each cell counted once, in the fold that held it out
+    np.testing.assert_array_equal(pooled.sum(axis=1), np.bincount(dataset.labels[labeled], minlength=len(pooled)))
+    assert np.trace(pooled) == pytest.approx(sum(fold["accuracy"] * fold["n_test"] for fold in summary["per_fold"]))

@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
+from tqdm import tqdm
 
 from trainer.dataset import CellDataset
+from trainer.evaluation import confusion_matrix
 from trainer.merges import merged_classes, remap_labels
 from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
 
@@ -45,11 +47,19 @@ def cross_validate(
         logits, _ = logits_and_embedding(result.module, dataset.images, test_index)
         test_labels = dataset.labels[test_index]
         metrics = validation_metrics(logits, test_labels.astype(np.int64))
+        metrics["confusion_matrix"] = confusion_matrix(test_labels, logits.argmax(axis=1), len(dataset.class_names)).tolist()
         if merge_mapping is not None:
             metrics["merged"] = merged_metrics(logits, test_labels, merge_mapping)
         metrics.update(fold=k + 1, n_test=int(len(test_index)), best_epoch=result.best_epoch)
+        tqdm.write(f"fold {k + 1}/{folds} on its {len(test_index)} held-out cells: accuracy {metrics['accuracy']:.4f}, "
+                   f"balanced accuracy {metrics['balanced_accuracy']:.4f}"
+                   + (f"; merged accuracy {metrics['merged']['accuracy']:.4f}" if "merged" in metrics else ""))
         per_fold.append(metrics)
-    summary: dict[str, Any] = {"folds": folds, "per_fold": per_fold, "smallest_class": min_count}
+    summary: dict[str, Any] = {
+        "folds": folds, "per_fold": per_fold, "smallest_class": min_count, "class_names": list(dataset.class_names),
+        # Pooled over the folds: every cell is counted once, when it was held out.
+        "confusion_matrix": np.sum([fold["confusion_matrix"] for fold in per_fold], axis=0).tolist(),
+    }
     summary.update(mean_and_sd(per_fold))
     if merge_mapping is not None:
         summary["merged"] = {"merges": report_merges, **mean_and_sd([fold["merged"] for fold in per_fold])}

@@ -97,13 +97,9 @@ def name_list(text: str) -> tuple[str, ...]:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of pixels, got {text!r}")
-    return value
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 def checked_arguments(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flowsort.errors import UserError
-from trainer.cli.import_ideas import add_output_arguments, checked_arguments, finish
+from trainer.cli.import_ideas import add_output_arguments, checked_arguments, finish, positive_int
 
 # Kept in step with trainer.synthetic, which is not imported here so `flowsort --help` stays fast.
 DEFAULT_SIZE, MIN_SIZE = 40, 32
@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "unlabeled, with ground truth kept in the dataset. The same seed gives identical cells."
         ),
     )
-    parser.add_argument("--cells", type=_count, required=True, help="number of cells to generate")
+    parser.add_argument("--cells", type=positive_int, required=True, help="number of cells to generate")
     add_output_arguments(parser)
     parser.add_argument("--seed", type=_count_or_zero, default=0, help="random seed (default 0)")
     parser.add_argument(
@@ -46,12 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run, channels=(3, 6), channel_names=("brightfield", "darkfield"))
 
 
-def _count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
-
-
 def _count_or_zero(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"expected a whole number from 0 up, got {text!r}")
@@ -59,7 +53,7 @@ def _count_or_zero(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    size = _count(text)
+    size = positive_int(text)
     if size < MIN_SIZE:
         raise argparse.ArgumentTypeError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
     return size
