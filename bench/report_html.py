@@ -137,8 +137,10 @@ def run_sections(summary: dict[str, Any], deadline_ms: float | None = None) -> l
     total = sum(mix.values()) or 1
     dead_line = f"<p>dead-cell flags: {summary['dead_flagged']:,} of {summary['decided']:,} decided"
     if "truth_dead" in summary:
-        dead_line += (f"; truly dead cells sent: {summary['truth_dead']:,}, of which flagged: "
-                      f"{summary['dead_flagged_truly_dead']:,}; dead cells sorted: {summary['dead_sorted']:,}")
+        dead_line += (f"; flagged: {summary['dead_flagged_truly_dead']:,} of {summary['truth_dead']:,} truly dead cells, "
+                      f"{summary['dead_flagged_debris']:,} of {summary['truth_debris']:,} debris and "
+                      f"{summary['dead_flagged_live']:,} of {summary['decided_live']:,} live cells; "
+                      f"dead cells sorted: {summary['dead_sorted']:,}")
     sections.append("<h2>Class mix</h2>" + table(("predicted class", "cells", "share"),
                                                    [(k, fmt(v), pct(v / total)) for k, v in
                                                     sorted(mix.items(), key=lambda kv: -kv[1])]) + dead_line + "</p>")

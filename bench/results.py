@@ -92,9 +92,17 @@ def summarize(record: RunRecord, gates: Sequence[GateSpec] = (), model_classes: 
                                        None if truth.dead is None else truth.dead[sent_cells],
                                        None if truth.debris is None else truth.debris[sent_cells])
         if truth.dead is not None:
-            summary["truth_dead"] = int(truth.dead[:sent].sum())
-            summary["dead_sorted"] = int((truth.dead[:sent] & (sorted_into[:sent] >= 0)).sum())
-            summary["dead_flagged_truly_dead"] = int((truth.dead & decided & out.dead)[:sent].sum())
+            dead, flagged = truth.dead[:sent], (decided & out.dead)[:sent]
+            debris = np.zeros_like(dead) if truth.debris is None else truth.debris[:sent]
+            summary["truth_dead"] = int(dead.sum())
+            summary["dead_sorted"] = int((dead & (sorted_into[:sent] >= 0)).sum())
+            summary["dead_flagged_truly_dead"] = int((dead & flagged).sum())
+            summary["truth_debris"] = int(debris.sum())
+            summary["dead_flagged_debris"] = int((debris & flagged).sum())
+            # The price of the flag: live cells it takes away from the gates.
+            live = decided[:sent] & ~dead & ~debris
+            summary["dead_flagged_live"] = int((live & flagged).sum())
+            summary["decided_live"] = int(live.sum())
     elif gates:
         summary["gates"] = [{"gate": g.name, "classes": list(g.classes), "sorted": summary["sorted"][g.name],
                              "purity": None, "yield": None, "note": "no ground truth"} for g in gates]

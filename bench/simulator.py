@@ -118,7 +118,11 @@ def print_summary(summary: dict[str, Any], deadline_ms: float | None = None) -> 
     print("class mix: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])))
     dead = f"dead flags {summary['dead_flagged']:,}"
     if "truth_dead" in summary:
-        dead += f" (truly dead cells sent {summary['truth_dead']:,}; dead cells sorted {summary['dead_sorted']:,})"
+        dead += (f": {summary['dead_flagged_truly_dead']:,} of {summary['truth_dead']:,} dead cells, "
+                 f"{summary['dead_flagged_debris']:,} of {summary['truth_debris']:,} debris, "
+                 f"{summary['dead_flagged_live']:,} of {summary['decided_live']:,} live cells "
+                 f"({100 * summary['dead_flagged_live'] / max(1, summary['decided_live']):.1f}%); "
+                 f"dead cells sorted {summary['dead_sorted']:,}")
     print(dead)
     for gate in summary.get("gates") or []:
         purity = "-" if gate.get("purity") is None else f"{100 * gate['purity']:.1f}%"

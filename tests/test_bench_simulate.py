@@ -20,6 +20,10 @@ def test_simulate_record_then_replay_scores_the_same_cells(quick_bundle: Path, t
     assert simulated["latency_ms"]["count"] == simulated["decided"]
     (gate,) = simulated["gates"]
     assert gate["gate"] == "mitotic" and gate["targets"] > 0 and gate["purity"] is not None
+    # Every decided cell is dead, debris or live, so the flags split exactly between them.
+    assert simulated["truth_dead"] + simulated["truth_debris"] + simulated["decided_live"] == simulated["decided"]
+    assert (simulated["dead_flagged_truly_dead"] + simulated["dead_flagged_debris"] + simulated["dead_flagged_live"]
+            == simulated["dead_flagged"])
     assert simulated["streamer_reports"]["simulated"]["cells"] == simulated["cells_sent"]
     assert (tmp_path / "sim" / "simulate.html").stat().st_size > 10_000
 

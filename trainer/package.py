@@ -20,6 +20,7 @@ from trainer.deployed_model import DeployedDeepFlow, export_onnx
 from trainer.train import FitResult, TrainConfig, logits_and_embedding
 
 DEAD_TRUTH_KEYS = ("dead", "debris")
+MIN_HELD_OUT_CELLS = 100  # live validation cells needed to set the dead-cell threshold on them
 
 
 def git_commit() -> str | None:
@@ -49,7 +50,7 @@ def calibrate_and_fit_detector(
 ) -> dict[str, Any]:
     """Set temperature and dead-cell detector on ``module``; return what the manifest records."""
     labels = dataset.labels.astype(np.int64)
-    val_logits, _ = logits_and_embedding(module, dataset.images, validation_index)
+    val_logits, val_embedding = logits_and_embedding(module, dataset.images, validation_index)
     val_labels = labels[validation_index]
     temperature = fit_temperature(val_logits, val_labels)
     module.set_temperature(temperature)
@@ -57,11 +58,17 @@ def calibrate_and_fit_detector(
     _, train_embedding = logits_and_embedding(module, dataset.images, train_index)
     detector = fit_detector(train_embedding, labels[train_index])
     module.set_dead_cell_detector(detector.means, detector.whitening)
-    live_scores = detector.score(train_embedding)
+    train_scores = detector.score(train_embedding)
+    # Cells the network was fitted on sit closer to their class means than new cells do, so a
+    # threshold set on them flags too many live cells in the stream; held-out cells set it
+    # whenever there are enough of them to place a tail quantile.
+    held_out = len(validation_index) >= MIN_HELD_OUT_CELLS
+    live_scores = detector.score(val_embedding) if held_out else train_scores
 
     detector_record: dict[str, Any] = {
         "method": "mahalanobis-nearest-class-shared-covariance",
         "classes_fitted": len(detector.means),
+        "live_scores_from": "validation" if held_out else "training",
     }
     dead = dead_truth(dataset)
     known_dead = np.flatnonzero(dead & (labels == UNLABELED)) if dead is not None else np.zeros(0, np.int64)
@@ -73,7 +80,9 @@ def calibrate_and_fit_detector(
         threshold = quantile_threshold(live_scores, dead_quantile)
         detector_record.update(threshold_from="quantile", quantile=dead_quantile)
     detector_record["threshold"] = threshold
-    detector_record["flagged_fraction_train"] = float((live_scores > threshold).mean())
+    detector_record["flagged_fraction_train"] = float((train_scores > threshold).mean())
+    if held_out:
+        detector_record["flagged_fraction_validation"] = float((live_scores > threshold).mean())
     calibration = {
         "temperature": temperature,
         "ece_before": expected_calibration_error(calibrated_probabilities(val_logits, 1.0), val_labels) if len(val_labels) else None,

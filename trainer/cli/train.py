@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--dead-quantile", type=float, default=0.99,
-                        help="flag cells beyond this quantile of training dead scores (without dead labels)")
+                        help="without dead labels: flag cells beyond this quantile of the live validation cells' dead scores")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in the bundle directory")
     parser.set_defaults(run=run)
 
