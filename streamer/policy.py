@@ -23,6 +23,7 @@ common class.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -75,9 +76,7 @@ class Policy:
         """[N, K] probabilities for the configured sample's class mix (the input itself without one)."""
         if self.prior_weights is None:
             return probabilities
-        weighted = probabilities * self.prior_weights
-        weighted /= weighted.sum(axis=1, keepdims=True)
-        return weighted
+        return reweight(probabilities, self.prior_weights)
 
     def decide(self, probabilities: np.ndarray, dead_score: np.ndarray) -> Columns:
         """Label, probability, dead flag and gate for N cells from [N, K] probabilities and [N] dead scores."""
@@ -108,25 +107,38 @@ def prior_weights(bundle: Bundle, sample_prior: dict[str, float]) -> np.ndarray 
     """Per class, the sample's frequency over the training data's (None without a sample prior)."""
     if not sample_prior:
         return None
-    names = bundle.class_names
-    unknown = sorted(set(sample_prior) - set(names))
-    missing = [name for name in names if name not in sample_prior]
+    return mix_weights(bundle.class_names, sample_prior, bundle.class_prior, "[policy] sample_prior")
+
+
+def mix_weights(names: Sequence[str], mix: Mapping[str, float], training: np.ndarray | None, setting: str) -> np.ndarray:
+    """Bayes' rule's per-class factor, mix(c) / training(c), that moves probabilities to another class mix.
+
+    ``setting`` names where the mix came from, for the error messages.
+    """
+    unknown = sorted(set(mix) - set(names))
+    missing = [name for name in names if name not in mix]
     if unknown or missing:
-        raise UserError(f"[policy] sample_prior must give every class of the bundle ({', '.join(names)}) a frequency"
+        raise UserError(f"{setting} must give every class of the model ({', '.join(names)}) a frequency"
                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                         + (f"; missing: {', '.join(missing)}" if missing else ""))
-    sample = np.array([sample_prior[name] for name in names], np.float64)
+    sample = np.array([mix[name] for name in names], np.float64)
     if not np.all(np.isfinite(sample)) or np.any(sample <= 0):
-        raise UserError(f"[policy] sample_prior frequencies must be positive numbers, got {sample_prior}")
-    training = bundle.class_prior
+        raise UserError(f"{setting} frequencies must be positive numbers, got {dict(mix)}")
     if training is None:
-        raise UserError(f"bundle {bundle.path} does not record its training class frequencies, so [policy] "
-                        "sample_prior cannot be applied: retrain it with this flowsort version, or remove sample_prior")
+        raise UserError(f"the bundle does not record its training class frequencies, so {setting} "
+                        f"cannot be applied: retrain it with this flowsort version, or remove {setting}")
     unseen = [name for name, share in zip(names, training) if share <= 0]
     if unseen:
-        raise UserError(f"[policy] sample_prior: the bundle saw no training cells of {', '.join(unseen)}, "
+        raise UserError(f"{setting}: the model saw no training cells of {', '.join(unseen)}, "
                         "so its probabilities cannot be re-weighted to another class mix")
     return (sample / sample.sum() / training).astype(np.float32)
+
+
+def reweight(probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[N, K] probabilities times per-class ``weights``, renormalized (a new array)."""
+    weighted = probabilities * weights
+    weighted /= weighted.sum(axis=1, keepdims=True)
+    return weighted
 
 
 def apply_late(gate: np.ndarray, deadlines: np.ndarray, now_ns: int, margin_ns: int) -> np.ndarray:

@@ -17,6 +17,8 @@ from trainer.evaluation import Merge, classification_metrics, knn_accuracy, labe
 from trainer.synthetic import STAGES, generate, to_dataset
 
 MERGE = "G1,S_phase,G2=Interphase"
+# Eulenberg et al. 2017: 32,266 Jurkat cells
+PAPER_MIX = "G1=14333,S_phase=8616,G2=8601,Prophase=606,Metaphase=68,Anaphase=15,Telophase=27"
 
 
 def reorder_classes(dataset: CellDataset, names: tuple[str, ...]) -> CellDataset:
@@ -39,7 +41,8 @@ def shuffled_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(quick_bundle: Path, shuffled_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("evaluation") / "report"
-    assert main(["evaluate", str(quick_bundle), str(shuffled_dataset), "-o", str(out), "--merge", MERGE]) == 0
+    assert main(["evaluate", str(quick_bundle), str(shuffled_dataset), "-o", str(out), "--merge", MERGE,
+                 "--class-mix", PAPER_MIX]) == 0
     return out
 
 
@@ -96,6 +99,23 @@ def test_merged_metrics_sum_the_merged_probabilities(report: dict, embedded: dic
     assert np.array(merged["confusion_matrix"]).sum() == labeled.sum()
     # G1, S_phase and G2 are the classes a briefly trained model confuses most
     assert merged["accuracy"] >= report["accuracy"]
+
+
+def test_class_mix_reweights_the_bundle_probabilities(
+    evaluated: Path, report: dict, embedded: dict, quick_bundle: Path
+) -> None:
+    at_mix = report["class_mix"]
+    counts = dict(item.split("=") for item in PAPER_MIX.split(","))
+    share = np.array([float(counts[name]) for name in STAGES])
+    share /= share.sum()
+    assert list(at_mix["mix"].values()) == pytest.approx(share.tolist())
+    labels, probabilities = embedded["labels"], embedded["probabilities"]
+    labeled = labels != UNLABELED
+    predicted = (probabilities * share / load_bundle(quick_bundle).class_prior).argmax(axis=1)
+    recall = np.array([(predicted[labeled & (labels == k)] == k).mean() for k in range(len(STAGES))])
+    assert list(at_mix["recall"].values()) == pytest.approx(recall.tolist())
+    assert at_mix["accuracy"] == pytest.approx(float(share @ recall))
+    assert "At the class mix" in (evaluated / "report.html").read_text()
 
 
 def test_dead_cells_and_calibration(report: dict, embedded: dict, shuffled_dataset: Path) -> None:

@@ -89,7 +89,8 @@ def test_resume_refuses_other_settings(synthetic_dataset: Path, tmp_path: Path) 
 def test_cross_validation_reports_mean_and_sd(synthetic_dataset: Path) -> None:
     dataset = read_dataset(synthetic_dataset).subset(np.arange(400))
     labeled = np.flatnonzero(dataset.labels >= 0)
-    summary = cross_validate(dataset, labeled, 3, small_config(epochs=1))
+    mix = {name: 10.0 if name == dataset.class_names[0] else 1.0 for name in dataset.class_names}
+    summary = cross_validate(dataset, labeled, 3, small_config(epochs=1), class_mix=mix)
     assert [fold["fold"] for fold in summary["per_fold"]] == [1, 2, 3]
     assert sum(fold["n_test"] for fold in summary["per_fold"]) == len(labeled)
     accuracies = [fold["accuracy"] for fold in summary["per_fold"]]
@@ -99,3 +100,6 @@ def test_cross_validation_reports_mean_and_sd(synthetic_dataset: Path) -> None:
     assert pooled.sum() == len(labeled)  # each cell counted once, in the fold that held it out
     np.testing.assert_array_equal(pooled.sum(axis=1), np.bincount(dataset.labels[labeled], minlength=len(pooled)))
     assert np.trace(pooled) == pytest.approx(sum(fold["accuracy"] * fold["n_test"] for fold in summary["per_fold"]))
+    at_mix = [fold["class_mix"] for fold in summary["per_fold"]]
+    assert summary["class_mix"]["accuracy"]["mean"] == pytest.approx(np.mean([m["accuracy"] for m in at_mix]))
+    assert summary["class_mix"]["mix"][dataset.class_names[0]] == pytest.approx(10 / (10 + len(dataset.class_names) - 1))

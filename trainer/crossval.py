@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
+from trainer.class_mix import ClassMix
 from trainer.dataset import CellDataset
 from trainer.evaluation import confusion_matrix
 from trainer.merges import merged_classes, remap_labels
@@ -25,13 +28,16 @@ def cross_validate(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     report_merges: list[str] | None = None,
+    class_mix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train one model per fold and score it on the fold it never saw.
 
     Early stopping uses an inner validation split of the training folds, so the
     held-out fold stays untouched until it is scored. ``report_merges`` also
     scores each fold with classes merged (probabilities summed), so one run gives
-    both the 7-stage and the paper's 5-class figures.
+    both the 7-stage and the paper's 5-class figures. ``class_mix`` also scores
+    each fold for a population with that mix (:mod:`trainer.class_mix`), against
+    the class mix its own training cells had.
     """
     merge_mapping = merged_classes(dataset.class_names, report_merges)[1] if report_merges else None
     labels = dataset.labels[labeled]
@@ -50,10 +56,15 @@ def cross_validate(
         metrics["confusion_matrix"] = confusion_matrix(test_labels, logits.argmax(axis=1), len(dataset.class_names)).tolist()
         if merge_mapping is not None:
             metrics["merged"] = merged_metrics(logits, test_labels, merge_mapping)
+        if class_mix is not None:
+            prior = np.bincount(dataset.labels[train_index], minlength=len(dataset.class_names)) / len(train_index)
+            mix = ClassMix.of(dataset.class_names, class_mix, prior)
+            metrics["class_mix"] = mix.metrics(softmax(logits, axis=1), test_labels)
         metrics.update(fold=k + 1, n_test=int(len(test_index)), best_epoch=result.best_epoch)
         tqdm.write(f"fold {k + 1}/{folds} on its {len(test_index)} held-out cells: accuracy {metrics['accuracy']:.4f}, "
                    f"balanced accuracy {metrics['balanced_accuracy']:.4f}"
-                   + (f"; merged accuracy {metrics['merged']['accuracy']:.4f}" if "merged" in metrics else ""))
+                   + (f"; merged accuracy {metrics['merged']['accuracy']:.4f}" if "merged" in metrics else "")
+                   + (f"; at the class mix {metrics['class_mix']['accuracy']:.4f}" if "class_mix" in metrics else ""))
         per_fold.append(metrics)
     summary: dict[str, Any] = {
         "folds": folds, "per_fold": per_fold, "smallest_class": min_count, "class_names": list(dataset.class_names),
@@ -63,6 +74,8 @@ def cross_validate(
     summary.update(mean_and_sd(per_fold))
     if merge_mapping is not None:
         summary["merged"] = {"merges": report_merges, **mean_and_sd([fold["merged"] for fold in per_fold])}
+    if class_mix is not None:
+        summary["class_mix"] = {"mix": per_fold[0]["class_mix"]["mix"], **mean_and_sd([fold["class_mix"] for fold in per_fold])}
     return summary
 
 

@@ -24,6 +24,7 @@ from scipy.special import softmax
 
 from engines.bundle import Bundle, load_bundle
 from flowsort.errors import UserError
+from trainer.class_mix import ClassMix
 from trainer.calibration import expected_calibration_error, reliability
 from trainer.dataset import UNLABELED, CellDataset, read_dataset
 from trainer.inference import Predictions, check_compatible, load_deployed, predict
@@ -289,7 +290,12 @@ def embedding_map(embedding: np.ndarray, max_cells: int = MAP_MAX_CELLS, seed: i
 
 
 def build_report(
-    bundle: Bundle, dataset: CellDataset, predictions: Predictions, labels: np.ndarray, merge: Merge | None
+    bundle: Bundle,
+    dataset: CellDataset,
+    predictions: Predictions,
+    labels: np.ndarray,
+    merge: Merge | None,
+    class_mix: ClassMix | None = None,
 ) -> dict[str, Any]:
     """Every number of the evaluation, JSON-ready; ``labels`` index the bundle's classes."""
     from trainer.package import dead_truth
@@ -319,11 +325,23 @@ def build_report(
             **classification_metrics(merge.probabilities(predictions.probabilities), merged_labels, merge.class_names),
             "knn": knn_accuracy(predictions.embedding, merged_labels),
         }
+    if class_mix is not None:
+        report["class_mix"] = class_mix.metrics(predictions.probabilities, labels)
     return report
 
 
-def evaluate(bundle_path: str | Path, dataset_path: str | Path, merges: Sequence[str], out: str | Path) -> dict[str, Any]:
-    """Evaluate, draw the figures and write ``report.json``, ``report.html`` and the PNGs into ``out``."""
+def evaluate(
+    bundle_path: str | Path,
+    dataset_path: str | Path,
+    merges: Sequence[str],
+    out: str | Path,
+    class_mix: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Evaluate, draw the figures and write ``report.json``, ``report.html`` and the PNGs into ``out``.
+
+    ``class_mix`` (class -> frequency over the bundle's classes) also scores the
+    model for a population with that mix (:mod:`trainer.class_mix`).
+    """
     from trainer.report_html import render_report
 
     out = Path(out)
@@ -331,6 +349,7 @@ def evaluate(bundle_path: str | Path, dataset_path: str | Path, merges: Sequence
         raise UserError(f"{out} is a file: give -o a folder for the report")
     bundle, dataset = load_inputs(bundle_path, dataset_path)
     merge = Merge.of(bundle.class_names, merges) if merges else None
+    mix = ClassMix.of(bundle.class_names, class_mix, bundle.class_prior) if class_mix else None
     labels = model_labels(bundle, dataset, merge)
     if not dataset.is_labeled:
         raise UserError(
@@ -338,7 +357,7 @@ def evaluate(bundle_path: str | Path, dataset_path: str | Path, merges: Sequence
             "(use `flowsort embed` to export predictions for unlabeled cells)"
         )
     predictions = run_model(bundle, dataset)
-    report = build_report(bundle, dataset, predictions, labels, merge)
+    report = build_report(bundle, dataset, predictions, labels, merge, mix)
     report["dataset"]["path"] = str(dataset_path)
     out.mkdir(parents=True, exist_ok=True)
     report["figures"] = {name: path.name for name, path in draw_figures(out, bundle, dataset, predictions, labels, report).items()}
@@ -376,6 +395,8 @@ def format_summary(report: dict[str, Any], out: str | Path) -> str:
     lines = [_accuracy_line("model classes", report)]
     if "merged" in report:
         lines.append(_accuracy_line("merged (" + "; ".join(report["merged"]["merges"]) + ")", report["merged"]))
+    if "class_mix" in report:
+        lines.append(format_class_mix(report["class_mix"]))
     knn = report["knn"]
     if knn:
         lines.append(f"  k-NN on the embedding (k={knn['k']}, cosine): accuracy {format_metric(knn['accuracy'])}")
@@ -397,6 +418,13 @@ def _accuracy_line(title: str, metrics: dict[str, Any]) -> str:
         f"  {title}: accuracy {format_metric(metrics['accuracy'])}, balanced accuracy {format_metric(metrics['balanced_accuracy'])} "
         f"on {metrics['n_labeled']:,} labeled cells"
     )
+
+
+def format_class_mix(metrics: dict[str, Any]) -> str:
+    """One line for the accuracy at a class mix, with the mix it assumed."""
+    mix = ", ".join(f"{name} {share:.2%}" for name, share in metrics["mix"].items())
+    return (f"  at class mix ({mix}): accuracy {format_metric(metrics['accuracy'])}, "
+            f"balanced accuracy {format_metric(metrics['balanced_accuracy'])}")
 
 
 def format_metric(value: float | None) -> str:

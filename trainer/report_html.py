@@ -27,6 +27,8 @@ def render_report(report: dict[str, Any], folder: Path) -> str:
     ]
     if "merged" in report:
         sections.append(_classification("Merged classes: " + "; ".join(report["merged"]["merges"]), report["merged"]))
+    if "class_mix" in report:
+        sections.append(_class_mix(report["class_mix"]))
     calibration = report["calibration"]
     sections.append(
         "<h2>Calibration</h2>"
@@ -58,6 +60,8 @@ def _summary(report: dict[str, Any]) -> str:
     if "merged" in report:
         rows += [("merged accuracy", format_metric(report["merged"]["accuracy"])),
                  ("merged balanced accuracy", format_metric(report["merged"]["balanced_accuracy"]))]
+    if "class_mix" in report:
+        rows.append(("accuracy at the class mix", format_metric(report["class_mix"]["accuracy"])))
     knn = report["knn"]
     rows += [
         (f"k-NN accuracy (k={knn['k']})" if knn else "k-NN accuracy", format_metric(knn["accuracy"] if knn else None)),
@@ -82,6 +86,16 @@ def _classification(title: str, metrics: dict[str, Any]) -> str:
     return (
         f"<h2>{_e(title)}</h2><p>accuracy {format_metric(metrics['accuracy'])}, balanced accuracy {format_metric(metrics['balanced_accuracy'])} "
         f"on {metrics['n_labeled']:,} labeled cells</p>{per_class}<p>Confusion matrix (rows: true class)</p>{confusion}"
+    )
+
+
+def _class_mix(metrics: dict[str, Any]) -> str:
+    rows = [(name, f"{share:.2%}", format_metric(metrics["recall"][name])) for name, share in metrics["mix"].items()]
+    return (
+        f"<h2>At the class mix</h2><p>accuracy {format_metric(metrics['accuracy'])}, balanced accuracy "
+        f"{format_metric(metrics['balanced_accuracy'])} for a population with this mix: probabilities re-weighted to it "
+        "by Bayes' rule (as the streamer's sample_prior does), each class's recall weighted by its share</p>"
+        + _table(("class", "share", "recall"), rows)
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.class_mix import parse_class_mix
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,12 +27,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge", action="append", default=[], metavar="A,B=NEW",
                         help="also report metrics with these model classes merged (probabilities summed), "
                              "e.g. G1,S_phase,G2=Interphase (repeatable)")
+    parser.add_argument("--class-mix", type=parse_class_mix, metavar="CLASS=N,...",
+                        help="also score the model for a population with this class mix (counts or fractions over "
+                             "the model's classes): probabilities re-weighted by Bayes' rule as the streamer's "
+                             "sample_prior does, each class's recall weighted by its share, e.g. the paper's "
+                             "Interphase=31550,Prophase=606,Metaphase=68,Anaphase=15,Telophase=27")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from trainer.evaluation import evaluate, format_summary
 
-    report = evaluate(args.bundle, args.dataset, args.merge, args.out)
+    report = evaluate(args.bundle, args.dataset, args.merge, args.out, args.class_mix)
     print(format_summary(report, args.out))
     return 0

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from flowsort.errors import UserError
+from trainer.class_mix import parse_class_mix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation before the final model")
     parser.add_argument("--cv-merge", action="append", default=[], metavar="A,B=NEW",
                         help="also report cross-validation with these classes merged (repeatable)")
+    parser.add_argument("--class-mix", type=parse_class_mix, metavar="CLASS=N,...",
+                        help="also report cross-validation for a population with this class mix (counts or fractions), "
+                             "e.g. the paper's Interphase=31550,Prophase=606,Metaphase=68,Anaphase=15,Telophase=27; "
+                             "see `flowsort evaluate --class-mix`")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from trainer.class_mix import ClassMix
     from trainer.crossval import cross_validate
     from trainer.dataset import read_dataset
     from trainer.merges import apply_merges
@@ -61,12 +67,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--folds must be 0 (no cross-validation) or at least 2")
     if args.cv_merge and not args.folds:
         raise UserError("--cv-merge reports cross-validation: give --folds K as well")
+    if args.class_mix and not args.folds:
+        raise UserError("--class-mix reports cross-validation: give --folds K as well "
+                        "(or score a bundle with `flowsort evaluate --class-mix`)")
     if not 0 < args.dead_quantile < 1:
         raise UserError("--dead-quantile must be between 0 and 1")
     dataset = apply_merges(read_dataset(args.dataset), args.merge)
     if not dataset.is_labeled:
         raise UserError(f"{args.dataset} has no labeled cells: training needs class folders")
     labeled = np.flatnonzero(dataset.labels >= 0)
+    if args.class_mix:  # refuse a mix that names the wrong classes now, not after the folds have trained
+        ClassMix.of(dataset.class_names, args.class_mix,
+                    np.bincount(dataset.labels[labeled], minlength=len(dataset.class_names)) / len(labeled))
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, width=args.width, balance=args.balance,
         monitor=args.monitor, patience=args.patience, seed=args.seed, precision=args.precision,
@@ -78,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     extra = {}
     if args.folds:
-        cv = cross_validate(dataset, labeled, args.folds, config, checkpoints, args.resume, args.cv_merge)
+        cv = cross_validate(dataset, labeled, args.folds, config, checkpoints, args.resume, args.cv_merge, args.class_mix)
         extra["cross_validation"] = cv
-        for title, block in (("", cv), (" (merged)", cv.get("merged"))):
+        for title, block in (("", cv), (" (merged)", cv.get("merged")), (" at the class mix", cv.get("class_mix"))):
             if block:
                 print(f"{args.folds}-fold cross-validation{title}: accuracy {block['accuracy']['mean']:.4f} ± "
                       f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
