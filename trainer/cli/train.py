@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from flowsort.errors import UserError
-from trainer.class_mix import parse_class_mix
+from trainer.class_mix import ClassMix, parse_class_mix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from trainer.class_mix import ClassMix
     from trainer.crossval import cross_validate
     from trainer.dataset import read_dataset
     from trainer.merges import apply_merges
