@@ -71,7 +71,8 @@ class DeadlineConfig:
 class EngineConfig:
     engine: str = "auto"
     precision: str = "auto"
-    threads: int = 0  # 0 = the engine's default (all cores)
+    threads: int = 0  # the engine's CPU threads in all; 0 = chosen for this machine (engines.cpu)
+    streams: int = 0  # OpenVINO: batches computed at once, one thread each by default; 0 = chosen for this machine
     warmup_runs: int = 3
     max_consecutive_failures: int = 3
 
@@ -302,7 +303,8 @@ def validate(config: StreamerConfig) -> None:
     need(config.deadline.budget_us >= 0, f"[deadline] budget_us must be >= 0 (0 = none), got {config.deadline.budget_us}")
     need(config.deadline.margin_us >= 0, f"[deadline] margin_us must be >= 0, got {config.deadline.margin_us}")
     engine = config.engine
-    need(engine.threads >= 0, f"[engine] threads must be >= 0 (0 = default), got {engine.threads}")
+    need(engine.threads >= 0, f"[engine] threads must be >= 0 (0 = chosen for this machine), got {engine.threads}")
+    need(engine.streams >= 0, f"[engine] streams must be >= 0 (0 = chosen for this machine), got {engine.streams}")
     need(engine.warmup_runs >= 1, f"[engine] warmup_runs must be at least 1, got {engine.warmup_runs}")
     need(engine.max_consecutive_failures >= 1,
          f"[engine] max_consecutive_failures must be at least 1, got {engine.max_consecutive_failures}")

@@ -46,7 +46,7 @@ class DecisionBlock:
 
     acquisition: str
     event_ids: np.ndarray  # uint64 [n]
-    arrival_ns: np.ndarray | int  # receipt, service clock: per cell or one for all
+    origin_ns: np.ndarray | int  # where latency starts, service clock: capture (receipt when later), per cell or one
     deadlines: np.ndarray | None  # service clock [n]; None: no deadline
     bundle: str
     policy: Policy | None = None  # names for label and gate columns
@@ -194,7 +194,7 @@ class Emitter(threading.Thread):
             late = np.full(n, block.late, bool)
             if not block.late and block.deadlines is not None:
                 late = block.deadlines < now + self.margin_ns
-        latency = np.maximum(now - np.asarray(block.arrival_ns, np.int64), 0)
+        latency = np.maximum(now - np.asarray(block.origin_ns, np.int64), 0)
         if latency.ndim == 0:
             latency = np.full(n, latency, np.int64)
         if columns is not None:

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engines.preprocessing import fit_to_size
 from streamer import protocol as p
-from streamer.batcher import NEVER, Marker, Piece, Segment
+from streamer.batcher import NEVER, Admission, Marker, Piece, Segment
 from streamer.codec import Limits, decode_ingest
 from streamer.emitter import DecisionBlock, Emitter, EndReport, Pong
 from streamer.metrics import Metrics
@@ -85,7 +85,7 @@ class InputAdapter:
 
 class Ingest(threading.Thread):
     def __init__(self, socket: zmq.Socket, monitor: zmq.Socket | None, *, limits: Limits, adapter: InputAdapter,
-                 queue: Callable[[Segment], tuple[bool, list[Piece]]], queue_marker: Callable[[Marker], None],
+                 queue: Callable[[Segment], Admission], queue_marker: Callable[[Marker], None],
                  emitter: Emitter, metrics: Metrics, budget_ns: int, bundle_hash: Callable[[], str],
                  status: Callable[[], dict[str, Any]], reject_interval: float, drain_s: float = 0.5,
                  recorder: AcquisitionWriter | None = None) -> None:
@@ -108,6 +108,7 @@ class Ingest(threading.Thread):
         self._ratelog = RateLimitedLog(log, reject_interval)
         self._received = {t: metrics.messages_received.labels(t) for t in p.INGEST_TYPES}
         self._cells = metrics.cells_received
+        self._waited = metrics.ingest_wait
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -207,42 +208,55 @@ class Ingest(threading.Thread):
             self._received[p.PING].inc()
             self.emitter.post(Pong(message.nonce, message.acquisition, received_wall, self.status()))
 
-    def _deadlines(self, message: p.CellsMessage, received: int, received_wall: int) -> tuple[np.ndarray, int]:
-        """Each cell's deadline on the service clock, and the earliest."""
-        n = message.count
+    def _times(self, message: p.CellsMessage, received: int, received_wall: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's origin (capture on the service clock; receipt where the capture stamp is later, a clock
+        ahead of ours) and deadline (``deadline_ns``, else origin + the configured budget)."""
+        waited = received_wall - message.capture_ns
+        np.maximum(waited, 0, out=waited)
+        self._waited.observe(waited / 1e9)
+        origins = received - waited
         if message.deadline_ns is None:
-            deadline = received + self.budget_ns if self.budget_ns else NEVER
-            return np.full(n, deadline, np.int64), deadline
+            if not self.budget_ns:
+                return origins, np.full(message.count, NEVER, np.int64)
+            return origins, origins + self.budget_ns
         if type(message.deadline_ns) is int:
             deadline = min(max(message.deadline_ns, 0), MAX_DEADLINE) - received_wall + received
-            return np.full(n, deadline, np.int64), deadline
-        deadlines = np.clip(message.deadline_ns, 0, MAX_DEADLINE) - received_wall + received
-        return deadlines, int(deadlines.min())
+            return origins, np.full(message.count, deadline, np.int64)
+        return origins, np.clip(message.deadline_ns, 0, MAX_DEADLINE) - received_wall + received
 
     def _cells_message(self, message: p.CellsMessage, received: int, received_wall: int) -> None:
         pixels, bad = self.adapter.prepare(message)
         ids, capture = message.event_ids, message.capture_ns
-        deadlines, earliest = self._deadlines(message, received, received_wall)
+        origins, deadlines = self._times(message, received, received_wall)
         if bad is not None:
             if bad.all():
                 raise Rejected(Reason.NON_FINITE, "every cell holds NaN or inf pixels")
             self.reject(Rejected(Reason.NON_FINITE, f"{int(bad.sum())} of {len(bad)} cells hold NaN or inf pixels",
                                  message.acquisition, ids[bad]), received, whole=False)
             good = ~bad
-            pixels, ids, capture, deadlines = pixels[good], ids[good], capture[good], deadlines[good]
-            earliest = int(deadlines.min())
-        segment = Segment(message.acquisition, ids, pixels, received, deadlines, min_deadline=earliest,
-                          capture_ns=capture)
-        accepted, dropped = self.queue(segment)
-        if dropped:
-            reason = Reason.OVERLOAD_DROPPED if accepted else Reason.OVERLOAD_REFUSED
-            cells = sum(piece.count for piece in dropped)
-            self.metrics.cells_dropped.labels(reason).inc(cells)
-            self._ratelog.log(logging.WARNING, reason, "overload: %s %d cells (acquisition %s, event ids %s)",
-                              "dropped the oldest" if accepted else "refused", cells, message.acquisition,
-                              describe_ids(ids))
-            for piece in dropped:
-                self.emitter.post(error_block(piece, reason, self.bundle_hash()))
+            pixels, ids, capture, deadlines, origins = pixels[good], ids[good], capture[good], deadlines[good], origins[good]
+        segment = Segment(message.acquisition, ids, pixels, received, deadlines, origins, capture_ns=capture)
+        admission = self.queue(segment)
+        bundle = self.bundle_hash() if (admission.expired or admission.shed or admission.dropped) else ""
+        self._answer(admission.expired, Reason.EXPIRED, bundle, "deadline passed before receipt", message, late=True)
+        self._answer(admission.shed, Reason.OVERLOAD_REFUSED, bundle,
+                     "the queue ahead would make it miss its deadline", message)
+        if admission.dropped:
+            reason = Reason.OVERLOAD_REFUSED if admission.refused else Reason.OVERLOAD_DROPPED
+            self._answer(admission.dropped, reason, bundle,
+                         "queue full: refused" if admission.refused else "queue full: dropped the oldest", message)
+
+    def _answer(self, pieces: list[Piece], reason: str, bundle: str, why: str, message: p.CellsMessage,
+                late: bool = False) -> None:
+        """Answer cells that will not run with ``reason``: counted, logged at a limited rate, sent at once."""
+        if not pieces:
+            return
+        cells = sum(piece.count for piece in pieces)
+        self.metrics.cells_rejected.labels(reason).inc(cells)
+        self._ratelog.log(logging.WARNING, reason, "%s: %d cells (%s; acquisition %s, event ids %s)", reason, cells,
+                          why, message.acquisition, describe_ids(message.event_ids))
+        for piece in pieces:
+            self.emitter.post(error_block(piece, reason, bundle, late=late))
 
     def reject(self, rejected: Rejected, received: int, whole: bool) -> None:
         ids = rejected.event_ids
@@ -259,5 +273,5 @@ class Ingest(threading.Thread):
 
 def error_block(piece: Piece, reason: str, bundle: str, late: bool = False) -> DecisionBlock:
     segment = piece.segment
-    return DecisionBlock(segment.acquisition, segment.event_ids[piece.index], segment.arrival_ns,
+    return DecisionBlock(segment.acquisition, segment.event_ids[piece.index], segment.origins[piece.index],
                          segment.deadlines[piece.index], bundle, error=reason, late=late)

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import HistogramMetricFamily, Metric
 
-# Receipt to decision, seconds: 50 us to 100 ms.
+# Capture to decision, seconds: 50 us to 100 ms.
 LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3,
                    10e-3, 15e-3, 20e-3, 30e-3, 50e-3, 75e-3, 100e-3)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -69,10 +69,8 @@ class Metrics:
         self.messages_rejected = Counter("flowsort_messages_rejected", "Ingest messages rejected whole, by reason",
                                          ["reason"], registry=r)
         self.cells_rejected = Counter("flowsort_cells_rejected",
-                                      "Cells answered with an error because their input was bad, by reason",
-                                      ["reason"], registry=r)
-        self.cells_dropped = Counter("flowsort_cells_dropped", "Cells not run because the queue was full, by reason",
-                                     ["reason"], registry=r)
+                                      "Cells answered with an error instead of a classification, by reason (bad "
+                                      "input, overload, expired, engine_error)", ["reason"], registry=r)
         self.cells_resized = Counter("flowsort_cells_resized",
                                      "Cells cropped or padded to the model input by the preprocessing contract",
                                      registry=r)
@@ -83,9 +81,6 @@ class Metrics:
         self.cells_dead = Counter("flowsort_cells_dead", "Cells flagged dead", registry=r)
         self.cells_late = Counter("flowsort_cells_late", "Decisions that left after the cell's deadline (not sorted)",
                                   registry=r)
-        self.cells_failed = Counter("flowsort_cells_failed",
-                                    "Cells answered with an error by the service itself, by reason (engine_error, "
-                                    "expired)", ["reason"], registry=r)
         self.decisions_sent = Counter("flowsort_decision_messages_sent", "Decision messages sent, by socket",
                                       ["socket"], registry=r)
         self.decisions_dropped = Counter("flowsort_decisions_dropped",
@@ -108,8 +103,13 @@ class Metrics:
         self.queue_capacity = Gauge("flowsort_queue_capacity", "Capacity of the ingest queue, cells", registry=r)
         self.ready = Gauge("flowsort_ready", "1 when the engine is warm and sockets bound", registry=r)
         self.engine_info = Info("flowsort_engine", "The engine in use", registry=r)
-        self.latency = VectorHistogram("flowsort_decision_latency_seconds", "Receipt to decision sent, per cell",
-                                       LATENCY_BUCKETS, r)
+        self.latency = VectorHistogram("flowsort_decision_latency_seconds",
+                                       "Capture (capture_ns) to decision sent, per cell; from receipt where the "
+                                       "capture stamp is later than receipt", LATENCY_BUCKETS, r)
+        self.ingest_wait = VectorHistogram("flowsort_ingest_wait_seconds",
+                                           "Capture (capture_ns) to receipt by the service, per cell: time in the "
+                                           "sender, the network and ZeroMQ's queue (0 where the stamp is later)",
+                                           LATENCY_BUCKETS, r)
         self.batch_size = VectorHistogram("flowsort_batch_size_cells", "Cells per engine batch", BATCH_BUCKETS, r)
         self.engine_time = VectorHistogram("flowsort_engine_seconds", "Engine time per batch", ENGINE_BUCKETS, r)
 
