@@ -107,8 +107,11 @@ class Planner:
     def cost(self, size: int) -> float:
         return self.costs[size]
 
-    def drain_ns(self, cells: np.ndarray) -> np.ndarray:
-        """Engine time to run each of ``cells`` queued cells (counts), its parallel batches busy."""
+    def drain_ns(self, cells: Any) -> Any:
+        """Engine time to run ``cells`` queued cells (a count, or an array of counts), its parallel batches busy."""
+        if isinstance(cells, int):  # the common case, one per message: no numpy
+            whole, rest = divmod(cells, self.max_size)
+            return (whole * self.clear[self.max_size] + self.clear[rest]) / self.parallel
         whole, rest = np.divmod(cells, self.max_size)
         return (whole * self._clear[self.max_size] + self._clear[rest]) / self.parallel
 
@@ -252,19 +255,21 @@ class Batcher:
         self.queued += n
         return admission
 
-    def finish_estimates(self, cells: int, now: int) -> np.ndarray:
-        """When each of ``cells`` more cells would be decided if queued now, behind all queued and running."""
+    def finish_estimates(self, cells: int, now: int, each: bool = True) -> Any:
+        """When each of ``cells`` more cells would be decided if queued now, behind all queued and running
+        (``each=False``: only the last of them, as a number)."""
         planner = self.planner
         start = max(now, self.engine_free_ns)
         # The queue drains at the parallel rate; the batch holding the cell itself takes its whole time.
         last = planner.cost(planner.pad_size(cells)) * (1 - 1 / planner.parallel)
-        return start + planner.drain_ns(self.queued + np.arange(1, cells + 1)) + last
+        ahead = self.queued + np.arange(1, cells + 1) if each else self.queued + cells
+        return start + planner.drain_ns(ahead) + last
 
     def _shed(self, segment: Segment, now: int) -> Admission:
         """Which of the segment's cells cannot make their deadline: already expired, or behind the queue."""
         admission = Admission(queued=True)
         n = segment.remaining
-        if segment.min_deadline > self.finish_estimates(n, now)[-1]:
+        if segment.min_deadline > self.finish_estimates(n, now, each=False):
             return admission
         first = segment.pos
         deadlines = segment.deadlines[first:]

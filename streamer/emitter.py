@@ -179,6 +179,12 @@ class Emitter(threading.Thread):
     def _decisions(self, block: DecisionBlock) -> None:
         n = len(block.event_ids)
         now = time.perf_counter_ns()
+        try:
+            self._send_decisions(block, n, now)
+        finally:
+            self.metrics.stages.add("emit", time.perf_counter_ns() - now)
+
+    def _send_decisions(self, block: DecisionBlock, n: int, now: int) -> None:
         columns = block.columns
         if columns is not None:
             gate = columns.gate

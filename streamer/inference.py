@@ -92,16 +92,17 @@ class Dispatcher(threading.Thread):
 
     # ------------------------------------------------------------------ other threads
 
-    def queue(self, segment: Segment) -> Admission:
+    def queue(self, segments: list[Segment]) -> list[Admission]:
+        """Admit ``segments`` (cells read back to back) in one go: one lock, at most one wake-up."""
         with self.cond:
             now = time.perf_counter_ns()
-            admission = self.batcher.admit(segment, now)
-            # Wake the thread only if it sleeps and this arrival brings its next batch forward.
-            if self._wake_at is not None and admission.queued:
+            admissions = [self.batcher.admit(segment, now) for segment in segments]
+            # Wake the thread only if it sleeps and these arrivals bring its next batch forward.
+            if self._wake_at is not None and any(a.queued for a in admissions):
                 due = self.batcher.due(now)
                 if due is not None and due < self._wake_at:
                     self.cond.notify()
-        return admission
+        return admissions
 
     def queue_marker(self, marker: Marker) -> None:
         with self.cond:
@@ -222,8 +223,11 @@ class Dispatcher(threading.Thread):
                 else:
                     self._pass_markers(batch)
             return
+        began = time.perf_counter_ns()
         flight = Flight(batch, model)
         pieces = batch.pieces
+        self.metrics.stages.add("queue_wait", sum(p.count * (began - p.segment.arrival_ns) for p in pieces),
+                                batch.cells)
         shape = model.engine.input_shape
         keep = self.results_embedding is not None
         if len(pieces) == 1:
@@ -260,6 +264,7 @@ class Dispatcher(threading.Thread):
             flight.acquisitions = runs
             cells = self._gather(pieces, batch.size, model)
         flight.submitted_ns = time.perf_counter_ns()
+        self.metrics.stages.add("batch", flight.submitted_ns - began)
         try:
             model.engine.submit(cells)
         except Exception as exc:
@@ -291,6 +296,7 @@ class Dispatcher(threading.Thread):
         if model is None:
             self._pass_markers(batch)
             return
+        waiting = time.perf_counter_ns()
         try:
             outputs = model.engine.collect()
         except Exception as exc:
@@ -298,6 +304,7 @@ class Dispatcher(threading.Thread):
             self._pass_markers(batch)
             return
         done = time.perf_counter_ns()
+        self.metrics.stages.add("engine", done - waiting)
         # One after another, a batch starts when the one before it ends; in parallel, when submitted.
         started = flight.submitted_ns if model.planner.parallel > 1 else max(flight.submitted_ns, self._last_done)
         elapsed = done - started
@@ -331,6 +338,7 @@ class Dispatcher(threading.Thread):
             self.emitter.post(block)
             start = stop
         self._pass_markers(batch)
+        self.metrics.stages.add("policy", time.perf_counter_ns() - done)
 
     def _pass_markers(self, batch: Batch) -> None:
         for marker in batch.markers:

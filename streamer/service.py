@@ -190,6 +190,7 @@ class Service:
             metrics=self.metrics, budget_ns=int(config.deadline.budget_us * 1000),
             bundle_hash=lambda: self.model.bundle_hash, status=self.status,
             reject_interval=config.logging.reject_interval_s, recorder=self.recorder,
+            budget_from_capture=config.deadline.budget_from == "capture",
         )
         self.recorder = None  # the ingest thread owns it now
         self.emitter.start()
@@ -314,6 +315,7 @@ class Service:
                     log.warning("reload abandoned: the service is stopping")
                     return False
                 self.ingest.budget_ns = int(config.deadline.budget_us * 1000)
+                self.ingest.budget_from_capture = config.deadline.budget_from == "capture"
                 self.emitter.margin_ns = int(config.deadline.margin_us * 1000)
                 self.metrics.queue_capacity.set(batching.queue_cells)
                 self.config = config
