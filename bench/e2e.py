@@ -96,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cells-per-message", type=int, default=1, metavar="N", help="cells per message (default 1)")
     parser.add_argument("--config", type=Path, default=None, help="streamer.toml to start from (endpoints are replaced)")
     parser.add_argument("--gate-threshold", type=float, default=None, metavar="P", help="gates' min_probability")
-    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="engine-only timing (default 3)")
+    parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="engine-only timing over its batch sizes (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-decisions", action="store_true",
                         help="also write every level's per-cell arrays (levels/<engine>-<rate>.npz)")
@@ -263,21 +263,22 @@ class Sweep:
         return best, (min(failed) if failed else None)
 
 
+CEILING_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
 def engine_ceiling(bundle_path: Path, engine: str, precision: str, max_batch: int, seconds: float) -> dict[str, Any]:
-    """The engine alone, ``engine.infer`` on full batches of ``max_batch`` (bench.engine_bench's timing)."""
+    """The engine alone, kept full as the service runs it (bench.engine_bench.ceiling), over the batch sizes up to
+    ``max_batch``: the most it decides per second here."""
     import engines
-    from bench.engine_bench import summary as bench_summary
-    from bench.engine_bench import timed
+    from bench.engine_bench import ceiling
     from engines.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     images, _ = bundle.validation_cells()
     cells = np.ascontiguousarray(np.resize(images, (max_batch, *images.shape[1:])))
+    sizes = tuple(size for size in CEILING_BATCHES if size <= max_batch)
     with engines.load(bundle, engine, precision or "auto", max_batch=max_batch) as loaded:
-        laps = timed({"engine": lambda: loaded.infer(cells)}, seconds)["engine"]
-        row = bench_summary(laps, max_batch)
-        row.update({"engine": loaded.name, "precision": loaded.precision, "batch": max_batch})
-    return row
+        return ceiling(loaded, cells, sizes, seconds / len(sizes))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,6 +84,33 @@ def timed(functions: dict[str, Callable[[], object]], seconds: float) -> dict[st
     return {name: np.asarray(values, dtype=np.float64) * 1e-9 for name, values in laps.items()}
 
 
+def pipelined(engine: Any, cells: np.ndarray, seconds: float) -> float:
+    """Cells/s with the engine kept full: ``engine.depth`` batches in flight, as the service runs it (on an
+    engine with parallel streams this is what all of them together decide; ``infer`` times one)."""
+    for _ in range(WARMUP_CALLS):
+        engine.infer(cells)
+    for _ in range(engine.depth):
+        engine.submit(cells)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < MIN_CALLS:
+        engine.collect()
+        engine.submit(cells)
+        done += 1
+    elapsed = time.perf_counter() - start
+    for _ in range(engine.depth):
+        engine.collect()
+    return done * len(cells) / elapsed
+
+
+def ceiling(engine: Any, cells: np.ndarray, sizes: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    """The engine's ceiling: the best pipelined throughput over ``sizes``, and the batch size that reaches it."""
+    rates = {size: pipelined(engine, cells[:size], seconds) for size in sizes}
+    best = max(rates, key=rates.get)
+    return {"engine": engine.name, "precision": engine.precision, "batch": best,
+            "throughput_cells_per_s": rates[best], "throughput_by_batch": rates,
+            "threading": engine.describe().get("threading", "")}
+
+
 def summary(latencies: np.ndarray, batch: int) -> dict[str, Any]:
     return {
         "calls": len(latencies),
@@ -146,7 +173,8 @@ def bench_engine(
         if engine.name == "openvino":
             functions["bare"] = bare_openvino(engine, batch_cells)
         laps = timed(functions, seconds)
-        row = {"engine": engine.name, "precision": engine.precision, "batch": batch, **summary(laps["engine"], batch)}
+        row = {"engine": engine.name, "precision": engine.precision, "batch": batch, **summary(laps["engine"], batch),
+               "pipelined_cells_per_s": pipelined(engine, batch_cells, seconds / 2)}
         if "bare" in laps:
             bare = summary(laps["bare"], batch)
             row["bare_openvino_latency_ms"] = bare["latency_ms"]
