@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.cpu import describe
 from flowsort.errors import UserError
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -107,7 +107,7 @@ def ceiling(engine: Any, cells: np.ndarray, sizes: tuple[int, ...], seconds: flo
     rates = {size: pipelined(engine, cells[:size], seconds) for size in sizes}
     best = max(rates, key=rates.get)
     return {"engine": engine.name, "precision": engine.precision, "batch": best,
-            "throughput_cells_per_s": rates[best], "throughput_by_batch": rates,
+            "throughput_cells_per_s": rates[best], "throughput_by_batch": {str(size): rate for size, rate in rates.items()},
             "threading": engine.describe().get("threading", "")}
 
 
@@ -184,13 +184,6 @@ def bench_engine(
     return rows
 
 
-def machine() -> dict[str, Any]:
-    import os
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -257,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 rows += bench_engine(engine, cells, sizes, args.seconds, progress.update)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "bundle": str(bundle.path), "bundle_hash": bundle.content_hash, "machine": machine(),
+        "bundle": str(bundle.path), "bundle_hash": bundle.content_hash, "machine": describe(),
         "settings": {"batch_sizes": list(sizes), "seconds": args.seconds, "threads": args.threads},
         "engines": described, "overhead_target": OVERHEAD_TARGET, "results": rows,
     }

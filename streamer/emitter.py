@@ -215,11 +215,10 @@ class Emitter(threading.Thread):
         else:
             label, probability, dead, dead_score = [""] * n, [NAN] * n, [False] * n, [NAN] * n
             gate_names, streams, error = [""] * n, [0] * n, [block.error] * n
-        payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, {
-            "event_ids": block.event_ids.tolist(), "label": label, "probability": probability, "dead": dead,
-            "dead_score": dead_score, "gate": gate_names, "stream": streams, "late": late.tolist(),
-            "latency_us": (latency // 1000).tolist(), "error": error,
-        })
+        payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, (
+            block.event_ids.tolist(), label, probability, dead, dead_score, gate_names, streams, late.tolist(),
+            (latency // 1000).tolist(), error,  # in DECISION_COLUMNS order
+        ))
         # Counted before sending: whoever holds a decision finds it in the metrics.
         self._account(block, gate, late, latency)
         self._send(payload, n)

@@ -61,6 +61,7 @@ RECEIVED_NS = "received_ns"
 READY = "ready"
 QUEUE_DEPTH = "queue_depth"
 ENGINE = "engine"
+ENDPOINTS = "endpoints"
 REPORT = "report"
 
 # Decision columns: each an array of `count` values.

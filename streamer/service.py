@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from flowsort.errors import UserError
+from streamer import protocol as p
 from streamer.batcher import Batcher
 from streamer.codec import Limits
 from streamer.config import StreamerConfig, load_config
@@ -243,12 +244,12 @@ class Service:
     def status(self) -> dict[str, Any]:
         model = self.model
         return {
-            "worker": self.worker,
-            "ready": self.started and not self.stopping and not (self.dispatcher and self.dispatcher.failing),
-            "queue_depth": self.dispatcher.queued() if self.dispatcher else 0,
-            "engine": f"{model.engine.name} {model.engine.precision}" if model else "",
-            "bundle": model.bundle_hash if model else "",
-            "endpoints": dict(self.endpoints),
+            p.WORKER: self.worker,
+            p.READY: self.started and not self.stopping and not (self.dispatcher and self.dispatcher.failing),
+            p.QUEUE_DEPTH: self.dispatcher.queued() if self.dispatcher else 0,
+            p.ENGINE: f"{model.engine.name} {model.engine.precision}" if model else "",
+            p.BUNDLE: model.bundle_hash if model else "",
+            p.ENDPOINTS: dict(self.endpoints),
         }
 
     # ------------------------------------------------------------------ requests (from any thread or a signal handler)
