@@ -46,6 +46,7 @@ EWMA = 0.1  # weight of a new engine time measurement
 RESOLVE_EVERY = 64  # measurements between two re-plans
 BATCHING_GAIN = 0.9  # a bigger batch must cost at most this share per cell to be worth waiting for
 LEAD_NS = 100_000  # a batch for a busy engine is formed this long before the engine should be free
+ADMISSION_SAFETY = 1.15  # admission plans with engine times this much longer than measured
 
 
 class Planner:
@@ -260,10 +261,11 @@ class Batcher:
         (``each=False``: only the last of them, as a number)."""
         planner = self.planner
         start = max(now, self.engine_free_ns)
-        # The queue drains at the parallel rate; the batch holding the cell itself takes its whole time.
+        # The queue drains at the parallel rate; the batch holding the cell itself takes its whole time; and
+        # engine times vary, and sending takes a little: admit only what fits with a margin.
         last = planner.cost(planner.pad_size(cells)) * (1 - 1 / planner.parallel)
         ahead = self.queued + np.arange(1, cells + 1) if each else self.queued + cells
-        return start + planner.drain_ns(ahead) + last
+        return start + ADMISSION_SAFETY * (planner.drain_ns(ahead) + last) + self.lead_ns
 
     def _shed(self, segment: Segment, now: int) -> Admission:
         """Which of the segment's cells cannot make their deadline: already expired, or behind the queue."""

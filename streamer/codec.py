@@ -30,6 +30,7 @@ from streamer.protocol import Reason, Rejected
 
 MAX_ACQUISITION_CHARS = 256
 NAN = float("nan")
+ANSWERED_IDS_FACTOR = 16  # a rejected message's readable event ids are answered up to this many x max_cells
 MAX_CHANNELS = 64
 
 
@@ -271,13 +272,14 @@ def _int_column(value: Any, dtype: np.dtype, field: str, count: int | None) -> n
 
 
 def _known_ids(header: dict[str, Any], limits: Limits) -> np.ndarray | None:
-    """The message's event ids where they can be read at all (to answer a rejected message)."""
+    """The message's event ids where they can be read at all (to answer a rejected message): up to
+    ``ANSWERED_IDS_FACTOR`` x max_cells of them, so a message just over the cell limit is still answered."""
     value = header.get(p.EVENT_IDS)
     try:
         ids = _int_column(value, p.UINT64, p.EVENT_IDS, None)
     except ValueError:
         return None
-    return ids if 0 < len(ids) <= limits.max_cells else None
+    return ids if 0 < len(ids) <= ANSWERED_IDS_FACTOR * limits.max_cells else None
 
 
 def _acquisition(header: dict[str, Any], required: bool, event_ids: np.ndarray | None = None) -> str | None:

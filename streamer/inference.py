@@ -58,6 +58,7 @@ class Flight:
     capture_ns: np.ndarray | None = None  # only with --results
     acquisitions: list[tuple[str, int]] | None = None  # (acquisition, cells) runs in batch order
     submitted_ns: int = 0
+    finish_ns: int = 0  # when the engine should have it done (it may wait for batches ahead of it)
 
 
 class Dispatcher(threading.Thread):
@@ -188,14 +189,16 @@ class Dispatcher(threading.Thread):
 
     def _backlog(self, now: int) -> float:
         """Engine time still ahead of a batch submitted now, before it can start."""
-        running = [f for f in self.inflight if f.model is not None]
-        planner = self.batcher.planner
-        if len(running) < planner.parallel:
-            return 0.0  # a stream is free
-        if planner.parallel == 1:  # one after another: the sum of what is ahead, less what has run
-            total = sum(planner.cost(f.batch.size) for f in running)
-            return max(0.0, total - (now - running[0].submitted_ns))
-        return max(0.0, min(f.submitted_ns + planner.cost(f.batch.size) - now for f in running))
+        return max(0.0, self._start_time(now) - now)
+
+    def _start_time(self, now: int) -> int:
+        """When a batch submitted now would start: at once while one of the engine's parallel batches is free,
+        else when enough of those ahead of it have finished (one after another: when all have)."""
+        finishes = sorted(f.finish_ns for f in self.inflight if f.model is not None)
+        parallel = self.batcher.planner.parallel
+        if len(finishes) < parallel:
+            return now
+        return max(now, finishes[len(finishes) - parallel])
 
     def _swap(self, model: Model) -> None:
         old = self.model
@@ -264,6 +267,7 @@ class Dispatcher(threading.Thread):
             flight.acquisitions = runs
             cells = self._gather(pieces, batch.size, model)
         flight.submitted_ns = time.perf_counter_ns()
+        flight.finish_ns = self._start_time(flight.submitted_ns) + int(model.planner.cost(batch.size))
         self.metrics.stages.add("batch", flight.submitted_ns - began)
         try:
             model.engine.submit(cells)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.batcher import NEVER, Batcher, Marker, Planner, Segment
+from streamer.batcher import ADMISSION_SAFETY, LEAD_NS, NEVER, Batcher, Marker, Planner, Segment
 
 US = 1_000
 MS = 1_000_000
@@ -219,15 +219,16 @@ def test_admission_answers_at_once_the_cells_that_cannot_make_their_deadline() -
     # Arrived with its deadline already past: expired at the door, never queued.
     gone = b.admit(segment(0, 1, arrival=0, deadline=-1), 0)
     assert not gone.queued and ids_in(gone.expired) == [0] and len(b) == 0
-    # 16 cells due in 1.5 ms on an idle engine: the first 4 can be decided by then (1.4 ms), the rest cannot.
+    # 16 cells due in 1.5 ms on an idle engine: with the admission's margin (15% and 0.1 ms) the first 2 can be
+    # decided by then (0.76 ms of work), not 4 (1.4 ms), nor the rest.
     part = b.admit(segment(10, 16, arrival=0, deadline=1500 * US), 0)
-    assert part.queued and ids_in(part.shed) == list(range(14, 26)) and len(b) == 4
-    # Behind those 4 (1.4 ms of work) and an engine busy for 1 more ms, a cell due in 2 ms cannot make it ...
+    assert part.queued and ids_in(part.shed) == list(range(12, 26)) and len(b) == 2
+    # Behind those 2 and an engine busy for 1 more ms, a cell due in 2 ms cannot make it ...
     b.engine_free_ns = 1 * MS
     assert ids_in(b.admit(segment(30, 1, arrival=0, deadline=2 * MS), 0).shed) == [30]
     # ... one due in 5 ms can, and cells without a deadline are never shed.
     assert b.admit(segment(31, 1, arrival=0, deadline=5 * MS), 0).queued
-    assert b.admit(segment(32, 50, arrival=0), 0).queued and len(b) == 55
+    assert b.admit(segment(32, 50, arrival=0), 0).queued and len(b) == 53
 
 
 def test_parallel_engine_drains_the_queue_faster_but_each_batch_takes_its_time() -> None:
@@ -236,5 +237,5 @@ def test_parallel_engine_drains_the_queue_faster_but_each_batch_takes_its_time()
     assert parallel.ceiling() == pytest.approx(2 * serial.ceiling())
     assert parallel.drain_ns(np.array([16]))[0] == pytest.approx(serial.drain_ns(np.array([16]))[0] / 2)
     b = Batcher(parallel, 0, 100)
-    # One cell on an idle two-stream engine: decided after one batch of 1, not half of one.
-    assert b.finish_estimates(1, 0)[0] == pytest.approx(400 * US)
+    # One cell on an idle two-stream engine: decided after one batch of 1 (with the margin), not half of one.
+    assert b.finish_estimates(1, 0)[0] == pytest.approx(ADMISSION_SAFETY * 400 * US + LEAD_NS)

@@ -287,6 +287,12 @@ def test_absurd_n(served: Harness) -> None:
     bad(served, pack(header(ids, shape=[2**40, 2, 32, 32]), PIXELS_2), Reason.TOO_MANY_CELLS, ids)
 
 
+def test_one_cell_over_the_limit_is_answered_for_every_readable_id(served: Harness) -> None:
+    limit = served.service.config.ingest.max_cells_per_message
+    ids = new_ids(limit + 1)
+    bad(served, pack(header(ids, shape=[limit + 1, 2, 32, 32]), b""), Reason.TOO_MANY_CELLS, ids)
+
+
 def test_oversized_message_is_answered(served: Harness) -> None:
     ids = new_ids(300)  # 300 cells of 4 kB: above max_message_bytes (1 MiB), below the ZeroMQ hard limit
     bad(served, pack(header(ids), bytes(300 * 2 * 32 * 32 * 2)), Reason.OVERSIZED, ids)
