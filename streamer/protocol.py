@@ -74,7 +74,7 @@ DECISION_COLUMNS = (
     "gate",  # str: the sort gate, "" for no-sort
     "stream",  # int: the gate's sorter stream, 0 for no-sort
     "late",  # bool: the decision left after the cell's deadline (never sorted)
-    "latency_us",  # int: receipt to send, microseconds
+    "latency_us",  # int: capture (receipt where capture is later) to send, microseconds
     "error",  # str: "" or the reason the cell could not be classified
 )
 

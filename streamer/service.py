@@ -129,6 +129,9 @@ class Service:
         log.info("worker %s serving %s: ingest %s (%s), push %s, pub %s, health %s", self.worker, self.bundle_path,
                  self.endpoints["ingest"], config.ingest.mode, self.endpoints.get("push", "off"),
                  self.endpoints.get("pub", "off"), self.endpoints["health"])
+        log.info("the model takes channels %s at %dx%d (any order, extra channels ignored, other sizes cropped or "
+                 "padded); classes %s", list(self.model.channels), self.model.input_size, self.model.input_size,
+                 ", ".join(self.model.bundle.class_names))
         return self
 
     def _start(self, config: StreamerConfig) -> None:

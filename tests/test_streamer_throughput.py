@@ -24,7 +24,7 @@ from streamer.testing import make_config, metrics
 
 CHANNELS = (3, 6)
 PROTOCOL_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
-BATCH_S = 0.004
+BATCH_S = 0.010
 
 
 class SlowEngine(NullEngine):
@@ -74,7 +74,7 @@ def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: 
     service, sender, receiver = start(quick_bundle, SlowEngine, batching={"batch_sizes": [1, 2, 4, 8]})
     try:
         ids = np.arange(1, 401, dtype=np.uint64)
-        deadline = time.time_ns() + 60_000_000  # 60 ms: about 15 batches of 8 fit, 400 cells do not
+        deadline = time.time_ns() + 200_000_000  # 200 ms: about 17 batches of 8 fit with the margin, 400 cells do not
         for i in ids:
             sender.cells("flood", [i], cells[int(i) % len(cells)], CHANNELS, deadline_ns=deadline)
         assert receiver.wait_for(ids.tolist(), 20)
@@ -82,7 +82,7 @@ def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: 
         refused = [r for r in rows if r["error"] == Reason.OVERLOAD_REFUSED]
         decided = [r for r in rows if r["error"] == ""]
         assert len(refused) + len(decided) + sum(r["error"] == Reason.EXPIRED for r in rows) == len(ids)
-        assert len(decided) >= 40 and len(refused) >= 200, (len(decided), len(refused))
+        assert len(decided) >= 100 and len(refused) >= 200, (len(decided), len(refused))
         late = [r for r in decided if r["late"]]
         # Admission plans with a margin; on a busy machine a thread woken late can still make a few cells late,
         # and those are never sorted.
