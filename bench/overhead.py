@@ -98,14 +98,14 @@ def stage_costs(before: dict[str, float], after: dict[str, float], messages: int
 
 def measure(link: Any, cells: Any, per_message: int, messages: int, first_id: int) -> dict[str, Any]:
     """Send ``messages`` messages of ``per_message`` cells back to back; what the service decided, how fast."""
-    from bench.link import cpu_use
+    from bench.link import cpu_use, switch_rates, thread_switches
     from bench.traffic import CellMessages, run_plan
 
     plan = CellMessages(cells, per_message, deadline=False).plan(
         np.zeros(messages * per_message), f"overhead-{per_message}", first_id, None)
-    before_cpu, before = link.streamer_cpu_s(), link.served.metrics()
+    before_cpu, before, switches = link.streamer_cpu_s(), link.metrics(), thread_switches(link.pid)
     record = run_plan(link.socket, link.collector, plan, drain_timeout_s=30.0)
-    after_cpu, after = link.streamer_cpu_s(), link.served.metrics()
+    after_cpu, after = link.streamer_cpu_s(), link.metrics()
     out = record.outcome
     decided = int(out.decided.sum())
     last = int(out.received_ns[out.decided].max()) if decided else record.t0_wall_ns
@@ -116,6 +116,7 @@ def measure(link: Any, cells: Any, per_message: int, messages: int, first_id: in
         "messages_per_s": decided / per_message / span_s, "cells_per_s": decided / span_s,
         "sender_messages_per_s": record.messages_sent / max(record.sent_at[-1], 1e-9) if record.messages_sent else 0,
         "stage_us_per_message": stage_costs(before, after, record.messages_sent),
+        "context_switches_per_s": switch_rates(switches, thread_switches(link.pid), span_s),
         **cpu_use(before_cpu, after_cpu, span_s),
     }
 
@@ -152,10 +153,10 @@ def run(args: argparse.Namespace) -> int:
     import zmq
 
     from bench.acquisition import synthetic_cells
-    from bench.link import ModelInfo, thread_cpu_s
-    from bench.traffic import Collector, handshake, push_socket
+    from bench.link import ModelInfo
+    from bench.traffic import handshake
     from engines.cpu import describe, usable_cores
-    from streamer.testing import config_dict, get, metrics, write_toml
+    from streamer.testing import config_dict, write_toml
 
     try:
         sizes = [int(v) for v in args.cells_per_message.split(",") if v.strip()]
@@ -241,7 +242,6 @@ class _Link:
         self.socket = push_socket(context, info["ingest"])
         self.collector = Collector(info["push"], context)
         self.pid = pid
-        self.served = self
         self._health = info["health"]
         self._metrics = metrics
 
