@@ -109,7 +109,7 @@ def eager_torch(bundle: Any, threads: int | None) -> Callable[[np.ndarray], obje
     """What a researcher would write: the trained module in eval mode, float32 tensors, no_grad."""
     import torch
 
-    from trainer.inference import load_deployed
+    from engines.deployed_model import load_deployed
 
     if threads:
         torch.set_num_threads(threads)

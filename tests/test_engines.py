@@ -98,7 +98,8 @@ def fresh_cells() -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(bundle: Bundle, fresh_cells: np.ndarray) -> Outputs:
     """The torch f32 module the ONNX was exported from, run plainly."""
-    from trainer.inference import load_deployed, predict
+    from engines.deployed_model import load_deployed
+    from trainer.predictions import predict
 
     predicted = predict(load_deployed(bundle), fresh_cells)
     return Outputs(predicted.probabilities, predicted.embedding, predicted.dead_score)

@@ -23,11 +23,12 @@ import numpy as np
 from scipy.special import softmax
 
 from engines.bundle import Bundle, load_bundle
+from engines.deployed_model import load_deployed
 from flowsort.errors import UserError
 from trainer.class_mix import ClassMix
 from trainer.calibration import expected_calibration_error, reliability
 from trainer.dataset import UNLABELED, CellDataset, read_dataset
-from trainer.inference import Predictions, check_compatible, load_deployed, predict
+from trainer.predictions import Predictions, check_compatible, predict
 from trainer.merges import apply_merges, merged_classes, parse_merge
 
 PREDICT_CHUNK = 4096  # cells read from the memory-mapped dataset per step of the progress bar

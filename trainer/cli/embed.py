@@ -11,7 +11,7 @@ from flowsort.errors import UserError
 if TYPE_CHECKING:
     import numpy as np
 
-    from trainer.inference import Predictions
+    from trainer.predictions import Predictions
 
 FORMATS = (".npz", ".csv", ".parquet")
 
