@@ -154,7 +154,7 @@ def test_parity_with_torch_f32(
 
 def test_importing_engines_needs_no_torch() -> None:
     code = (
-        "import sys, engines, engines.base, engines.int8, engines.cli, engines.openvino_engine, "
+        "import sys, engines, engines.base, engines.int8, engines.openvino_int8, engines.openvino_engine, "
         "engines.tensorrt_engine, engines.torch_engine; engines.available(); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

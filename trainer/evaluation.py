@@ -29,6 +29,7 @@ from trainer.class_mix import ClassMix
 from trainer.calibration import expected_calibration_error, reliability
 from trainer.dataset import UNLABELED, CellDataset, read_dataset
 from trainer.predictions import Predictions, check_compatible, predict
+from trainer.report_html import render_report
 from trainer.merges import apply_merges, merged_classes, parse_merge
 
 PREDICT_CHUNK = 4096  # cells read from the memory-mapped dataset per step of the progress bar
@@ -343,8 +344,6 @@ def evaluate(
     ``class_mix`` (class -> frequency over the bundle's classes) also scores the
     model for a population with that mix (:mod:`trainer.class_mix`).
     """
-    from trainer.report_html import render_report
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: give -o a folder for the report")
@@ -389,48 +388,6 @@ def draw_figures(
             out / "embedding_map.png",
         )
     return {name: path for name, path in figures.items() if path is not None}
-
-
-def format_summary(report: dict[str, Any], out: str | Path) -> str:
-    """The few lines `flowsort evaluate` prints."""
-    lines = [_accuracy_line("model classes", report)]
-    if "merged" in report:
-        lines.append(_accuracy_line("merged (" + "; ".join(report["merged"]["merges"]) + ")", report["merged"]))
-    if "class_mix" in report:
-        lines.append(format_class_mix(report["class_mix"]))
-    knn = report["knn"]
-    if knn:
-        lines.append(f"  k-NN on the embedding (k={knn['k']}, cosine): accuracy {format_metric(knn['accuracy'])}")
-    calibration = report["calibration"]
-    lines.append(
-        f"  calibration: ECE {format_metric(calibration['ece_before'])} before, {format_metric(calibration['ece_after'])} after "
-        f"temperature {calibration['temperature']:.3f}"
-    )
-    dead = report["dead_cells"]
-    auroc = f", AUROC {dead['auroc']:.4f} against dead/debris truth" if dead["auroc"] is not None else ""
-    lines.append(f"  dead-cell detector: {dead['n_flagged']:,} of {dead['n_cells']:,} cells flagged "
-                 f"({dead['flagged_fraction']:.2%}){auroc}")
-    lines.append(f"  report: {Path(out) / REPORT_HTML}")
-    return "\n".join(lines)
-
-
-def _accuracy_line(title: str, metrics: dict[str, Any]) -> str:
-    return (
-        f"  {title}: accuracy {format_metric(metrics['accuracy'])}, balanced accuracy {format_metric(metrics['balanced_accuracy'])} "
-        f"on {metrics['n_labeled']:,} labeled cells"
-    )
-
-
-def format_class_mix(metrics: dict[str, Any]) -> str:
-    """One line for the accuracy at a class mix, with the mix it assumed."""
-    mix = ", ".join(f"{name} {share:.2%}" for name, share in metrics["mix"].items())
-    return (f"  at class mix ({mix}): accuracy {format_metric(metrics['accuracy'])}, "
-            f"balanced accuracy {format_metric(metrics['balanced_accuracy'])}")
-
-
-def format_metric(value: float | None) -> str:
-    """A metric for people: four decimals, or n/a where it is undefined."""
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

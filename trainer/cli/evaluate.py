@@ -36,8 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluation import evaluate, format_summary
+    from trainer.evaluation import REPORT_HTML, evaluate
+    from trainer.report_text import format_summary
 
     report = evaluate(args.bundle, args.dataset, args.merge, args.out, args.class_mix)
-    print(format_summary(report, args.out))
+    print(format_summary(report, args.out / REPORT_HTML))
     return 0
