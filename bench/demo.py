@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def live(args: argparse.Namespace, bundle: Path, out: Path) -> float:
     import engines
-    from bench.acquisition import synthetic_cells
+    from bench.cell_sources import synthetic_cells
     from bench.link import open_link
     from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
 

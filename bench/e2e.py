@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import engines
-    from bench.acquisition import load_cells
+    from bench.cell_sources import load_cells
     from bench.link import ModelInfo, open_link
     from bench.results import describe_machine
     from bench.traffic import CellMessages

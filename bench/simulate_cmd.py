@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.acquisition import load_cells
+    from bench.cell_sources import load_cells
     from bench.link import open_link
     from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
     from flowsort.errors import UserError

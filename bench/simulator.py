@@ -1,7 +1,7 @@
 """The simulated imaging flow cytometer, and the one-run driver that simulate, replay and the demo share.
 
 The instrument: cells from the synthetic cytometer (ground truth known) or any
-:class:`~bench.acquisition.CellSet`, arriving as a Poisson process (or evenly)
+:class:`~bench.cell_sources.CellSet`, arriving as a Poisson process (or evenly)
 at a given rate, sent one per message or in blocks, each with a deadline: its
 capture time plus the transit time to the sort point. :func:`live_run` sends a
 plan to a streamer, shows the dashboard, collects the decisions and returns
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.acquisition import CellSet
+from bench.cell_sources import CellSet
 from bench.cli_args import DEFAULT_TRANSIT_MS
 from bench.dashboard import Dashboard, LiveView
 from bench.link import Link, cpu_use, service_and_engine_cores

@@ -28,10 +28,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from bench.acquisition import TRUTH_KEY, CellSet, Recording, Truth
+from bench.cell_sources import CellSet
 from bench.pacing import DEFAULT_SPIN_S, Pacer, PacingStats, pacing_stats
 from streamer import codec
 from streamer import protocol as p
+from streamer.recording_truth import TRUTH_KEY, Recording, Truth
 
 # Per-cell columns a template can carry, with their wire dtypes.
 COLUMN_DTYPES = {
