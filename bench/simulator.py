@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.cell_sources import CellSet
-from bench.cli_args import DEFAULT_TRANSIT_MS
+from bench.defaults import DEFAULT_TRANSIT_MS
 from bench.dashboard import Dashboard, LiveView
 from bench.link import Link, cpu_use, service_and_engine_cores
 from bench.pacing import fixed_times, poisson_times
