@@ -32,7 +32,6 @@ import zmq
 
 from flowsort.errors import UserError
 from streamer.batcher import Batcher
-from streamer.codec import Limits
 from streamer.config import StreamerConfig, load_config
 from streamer.emitter import Emitter
 from streamer.health import HealthServer
@@ -182,8 +181,7 @@ class Service:
                                      config.engine.max_consecutive_failures, config.logging.reject_interval_s,
                                      results_embedding=self.results.embedding if self.results else None)
         self.dispatcher.on_swap = self._swapped
-        limits = Limits(max_cells=config.ingest.max_cells_per_message, max_side=config.ingest.max_image_side,
-                        max_message_bytes=config.ingest.max_message_bytes)
+        limits = config.ingest.limits()
         self.ingest = Ingest(
             ingest_socket, monitor, limits=limits, adapter=InputAdapter(model.channels, model.input_size, self.metrics),
             queue=self.dispatcher.queue, queue_marker=self.dispatcher.queue_marker, emitter=self.emitter,
