@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from flowsort import __version__
 from flowsort.errors import UserError
+from flowsort.help_format import show_defaults
 
 COMMAND_PACKAGES = ("trainer", "streamer", "bench")
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    show_defaults(parser)
     return parser
 
 
