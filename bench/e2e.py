@@ -155,7 +155,7 @@ class Sweep:
     def measure(self, rate: float, seconds: float, transit_ms: float, acquisition: str, seed: int) -> dict[str, Any]:
         from bench.link import cpu_use
         from bench.pacing import poisson_times
-        from bench.results import raw_arrays, summarize
+        from bench.run_summary import raw_arrays, summarize
         from bench.traffic import run_plan
 
         settings, link = self.settings, self.link
@@ -271,7 +271,7 @@ def sweep_engines(settings: SweepSettings) -> dict[str, Any]:
     import engines
     from bench.cell_sources import load_cells
     from bench.link import LinkOptions, ModelInfo, open_link
-    from bench.results import describe_machine
+    from bench.run_summary import describe_machine
     from bench.traffic import CellMessages
 
     if settings.seconds <= 0:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         import json
         import time
 
-        from bench.results import describe_machine
+        from bench.run_summary import describe_machine
         from bench.simulator import _json_default
 
         args.out.mkdir(parents=True, exist_ok=True)
