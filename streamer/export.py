@@ -26,7 +26,7 @@ from streamer.metrics import Metrics
 from streamer.policy import Policy
 from streamer.protocol import Rejected
 from streamer.recording import AcquisitionReader
-from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
+from streamer.fcs_layout import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
 
 
 @dataclass
