@@ -5,7 +5,7 @@ Threads (each owns its sockets; none waits on another's work):
 * ingest (:mod:`streamer.ingest`): PULL socket -> validation -> queue;
 * inference (:mod:`streamer.inference`): queue -> batches -> engine -> policy;
 * emitter (:mod:`streamer.emitter`): decisions -> PUSH (sorter) and PUB (monitors);
-* results, with ``--results`` (:mod:`streamer.results_writer`): sent decisions -> FCS files;
+* results, with ``--results`` (:mod:`streamer.results_thread`): sent decisions -> FCS files;
 * HTTP (:mod:`streamer.health`): /metrics, /healthz, /readyz;
 * ZAP authenticator with CURVE (:mod:`streamer.security`);
 * the caller's (main) thread only waits for signals: :meth:`Service.request_stop`
@@ -40,7 +40,7 @@ from streamer.ingest import Ingest, InputAdapter
 from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model
 from streamer.recording import AcquisitionWriter
-from streamer.results_writer import ResultsWriter, check_results_path
+from streamer.results_thread import ResultsWriter, check_results_path
 from streamer.security import (
     Curve,
     allowed_client_keys,
