@@ -18,11 +18,12 @@ yield of the mitotic gate at its default threshold, 0.9). On the Jurkat prior
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from flowsort.errors import UserError
+from bench.defaults import DEFAULT_RATE, DEFAULT_SECONDS
 
 TRAIN_CELLS = 3000
 EPOCHS = 5
@@ -32,68 +33,60 @@ CEILING_SECONDS = 3.0
 SUSTAINABLE_SHARE = 0.8  # of the engine's ceiling: above it Poisson arrivals wait too long for a 10 ms deadline
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a small model on simulated cells, serve it and stream a simulated instrument through it "
-        "(the `make demo` job)",
-        description="Simulate a training acquisition, train a small DeepFlow (reused when present), start the "
-        "streamer on the CPU engine and run the simulated instrument through it with a live dashboard; writes an "
-        "HTML report.",
-    )
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder (default demo-output)")
-    parser.add_argument("--retrain", action="store_true", help="train a new model even if one is there")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
-    parser.add_argument("--width", type=float, default=WIDTH, help=f"DeepFlow width multiplier (default {WIDTH})")
-    parser.add_argument("--cells", type=int, default=TRAIN_CELLS, help=f"training cells (default {TRAIN_CELLS})")
-    parser.add_argument("--rate", type=float, default=1000.0, help="simulated instrument, cells/s (default 1000)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="simulated acquisition length (default 20)")
-    parser.add_argument("--prior", choices=("uniform", "jurkat"), default="uniform",
-                        help="the simulated sample: uniform (mitosis-enriched, default) or jurkat (97.8%% interphase, "
-                        "where a small model's mitotic gate is far less pure)")
-    parser.add_argument("--engine", choices=("openvino", "torch"), default=None,
-                        help="streamer engine (default: openvino where it runs, else torch)")
-    parser.add_argument("--no-dashboard", action="store_true", help="periodic lines instead of the live dashboard")
-    parser.set_defaults(run=run)
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's knobs (`flowsort demo`'s options)."""
+
+    out: Path = Path("demo-output")
+    retrain: bool = False
+    epochs: int = EPOCHS
+    width: float = WIDTH
+    cells: int = TRAIN_CELLS
+    rate: float = DEFAULT_RATE
+    seconds: float = DEFAULT_SECONDS
+    prior: str = "uniform"
+    engine: str | None = None  # None: openvino where it runs, else torch
+    dashboard: bool = True
 
 
-def step(title: str, argv: list[str]) -> float:
-    from flowsort.cli import main
-
-    print(f"\n==> {title}\n    flowsort {' '.join(argv)}", flush=True)
+def step(title: str, command: str, work: Callable[[], object]) -> float:
+    """Run one step, showing the `flowsort` command that does the same."""
+    print(f"\n==> {title}\n    flowsort {command}", flush=True)
     started = time.perf_counter()
-    if main(argv) != 0:
-        raise UserError(f"demo step failed: flowsort {' '.join(argv)}")
+    work()
     took = time.perf_counter() - started
     print(f"    ({took:.1f} s)")
     return took
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(settings: DemoSettings) -> None:
+    """Simulate training cells, draw their contact sheet, train (unless a model is there) and run it live."""
     started = time.perf_counter()
-    out: Path = args.out
+    out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     train_set, bundle = out / "train-cells", out / "model"
     timings: dict[str, float] = {}
     if not (train_set / "dataset.json").is_file():
         timings["simulate training cells"] = step(
             "Simulating a mitosis-enriched training acquisition",
-            ["import", "synthetic", "--cells", str(args.cells), "--prior", "uniform", "--seed", "1", "-o", str(train_set)])
+            f"import synthetic --cells {settings.cells} --prior uniform --seed 1 -o {train_set}",
+            lambda: simulate_training_cells(train_set, settings.cells))
     gallery = out / "synthetic-gallery.png"
     if not gallery.is_file():
-        timings["contact sheet"] = step("Drawing the contact sheet of the simulated cells",
-                                        ["gallery", str(train_set), "-o", str(gallery), "--title", "simulated IFC cells"])
-    if args.retrain or not (bundle / "bundle.json").is_file():
+        timings["contact sheet"] = step(
+            "Drawing the contact sheet of the simulated cells",
+            f"gallery {train_set} -o {gallery} --title 'simulated IFC cells'",
+            lambda: draw_contact_sheet(train_set, gallery))
+    if settings.retrain or not (bundle / "bundle.json").is_file():
         timings["training"] = step(
             "Training a small DeepFlow on the 5-class task (interphase merged, as in the paper)",
-            ["train", str(train_set), "-o", str(bundle), "--merge", INTERPHASE_MERGE,
-             "--width", str(args.width), "--epochs", str(args.epochs)])
+            f"train {train_set} -o {bundle} --merge {INTERPHASE_MERGE} --width {settings.width} --epochs {settings.epochs}",
+            lambda: train_small_model(train_set, bundle, settings.width, settings.epochs))
     else:
         print(f"\n==> Reusing the model in {bundle} (--retrain trains a new one)")
-    timings["live run"] = live(args, bundle, out)
+    timings["live run"] = live(settings, bundle, out)
     total = time.perf_counter() - started
     print(f"\nDone in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).")
-    return 0
 
 
 def measure_engine(bundle: Path, engine: str, rate: float) -> dict[str, object]:
@@ -130,29 +123,49 @@ def print_verdict(summary: dict[str, object], ceiling: dict[str, object], deadli
               "if the machine was busy with other work, its engine and the simulated instrument shared the cores.")
 
 
-def live(args: argparse.Namespace, bundle: Path, out: Path) -> float:
+def simulate_training_cells(path: Path, cells: int) -> None:
+    from trainer.dataset import write_dataset
+    from trainer.synthetic import generate, to_dataset
+
+    write_dataset(path, to_dataset(generate(cells, seed=1, prior="uniform")))
+    print(f"wrote {cells:,} synthetic cells to {path}")
+
+
+def draw_contact_sheet(dataset_path: Path, path: Path) -> None:
+    from trainer.dataset import read_dataset
+    from trainer.gallery import write_contact_sheet
+
+    print(f"wrote {write_contact_sheet(read_dataset(dataset_path), path, title='simulated IFC cells')}")
+
+
+def train_small_model(dataset_path: Path, bundle: Path, width: float, epochs: int) -> None:
+    from trainer.train import TrainConfig
+    from trainer.training_run import train_bundle
+
+    train_bundle(dataset_path, bundle, TrainConfig(epochs=epochs, width=width), merges=[INTERPHASE_MERGE])
+
+
+def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
     import engines
-    from bench.acquisition import synthetic_cells
-    from bench.link import open_link
+    from bench.cell_sources import synthetic_cells
+    from bench.link import LinkOptions, open_link
     from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
 
     began = time.perf_counter()
-    engine = args.engine or ("openvino" if engines.available()["openvino"] is None else "torch")
-    ceiling = measure_engine(bundle, engine, args.rate)
+    engine = settings.engine or ("openvino" if engines.available()["openvino"] is None else "torch")
+    ceiling = measure_engine(bundle, engine, settings.rate)
     print(f"\n==> Starting the streamer (flowsort serve {bundle}, {engine} engine, a mitotic sort gate)", flush=True)
-    link_args = argparse.Namespace(serve=bundle, bundle=None, config=None, ingest=None, decisions=None, engine=engine,
-                                   gate_threshold=None, record=None)
-    with open_link(link_args, out / "streamer") as link:
+    with open_link(LinkOptions(serve=bundle, engine=engine), out / "streamer") as link:
         print(f"    ready in {time.perf_counter() - began:.1f} s: ingest {link.ingest}, decisions {link.decisions}")
-        cells = synthetic_cells(4096, link.model.input_size, seed=3, prior=args.prior)
-        plan = instrument_plan(cells, args.rate, args.seconds, transit_ms=10.0, seed=3, acquisition="demo")
-        print(f"\n==> The simulated instrument: {args.rate:,.0f} cells/s (Poisson) for {args.seconds:.0f} s, "
-              f"{args.prior} sample, 10 ms to the sort point\n", flush=True)
-        _, summary = live_run(link, plan, title=f"flowsort demo: {args.rate:,.0f} cells/s", target_rate=args.rate,
-                              dashboard=not args.no_dashboard)
+        cells = synthetic_cells(4096, link.model.input_size, seed=3, prior=settings.prior)
+        plan = instrument_plan(cells, settings.rate, settings.seconds, transit_ms=10.0, seed=3, acquisition="demo")
+        print(f"\n==> The simulated instrument: {settings.rate:,.0f} cells/s (Poisson) for {settings.seconds:.0f} s, "
+              f"{settings.prior} sample, 10 ms to the sort point\n", flush=True)
+        _, summary = live_run(link, plan, title=f"flowsort demo: {settings.rate:,.0f} cells/s", target_rate=settings.rate,
+                              dashboard=settings.dashboard)
     print_summary(summary, 10.0)
     print_verdict(summary, ceiling, 10.0)
-    settings = {"bundle": str(bundle), "engine": summary.get("engine"), "rate": args.rate, "seconds": args.seconds,
+    settings = {"bundle": str(bundle), "engine": summary.get("engine"), "rate": settings.rate, "seconds": settings.seconds,
                 "engine_ceiling": ceiling,
                 "arrivals": "poisson", "transit_ms": 10.0, "sample": cells.description,
                 "gates": [g.__dict__ for g in link.gates]}

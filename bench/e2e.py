@@ -29,15 +29,16 @@ cores with the streamer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.defaults import DEFAULT_POOL
 from flowsort.errors import UserError
 
 DEFAULT_LEVELS = (250, 500, 1000, 1500, 2000)
@@ -51,57 +52,40 @@ TARGET_RATE, TARGET_SECONDS, TARGET_TRANSIT_MS, TARGET_P99_MS = 1000.0, 60.0, 10
 SENDER_TOLERANCE = 0.02  # a level whose achieved send rate misses the schedule by more is sender-limited
 PAUSE_S = 0.5
 DRAIN_S = 3.0  # after a level's last cell: queued cells are decided or expire well within this
+MAX_RATE = 200_000.0  # never offer more (cells/s)
+MAX_BATCH = 64
+CEILING_SECONDS = 5.0  # engine-only timing, over its batch sizes
 TARGETS = {"target_rate_p99_ms": TARGET_P99_MS, "ceiling_ratio": 0.8, "sustained_p99_ms": MAX_P99_MS}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "e2e",
-        help="end to end: sweep offered load through a live streamer; latency, throughput, max sustained rate",
-        description="Start `flowsort serve BUNDLE` per engine and sweep the offered load (Poisson arrivals) until it "
-        "saturates. Per level: achieved throughput, latency p50/p95/p99/max from capture to decision received, "
-        "drops and late decisions, sender/receiver/streamer CPU. Then the engine alone at the same max batch "
-        "(the ceiling) and the ratio max sustained / ceiling. Writes e2e.json and e2e.html (plots) to --out.",
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle from `flowsort train`")
-    parser.add_argument("--engines", default=None, metavar="A,B",
-                        help="engines to compare (default: every one available here)")
-    parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)), metavar="R,R",
-                        help=f"offered loads in cells/s, before growing (default {','.join(map(str, DEFAULT_LEVELS))})")
-    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
-                        help=f"per level (default {DEFAULT_SECONDS:g})")
-    parser.add_argument("--growth", type=float, default=GROWTH,
-                        help=f"factor between levels after the list while sustained (default {GROWTH}; 0 = none)")
-    parser.add_argument("--max-rate", type=float, default=200_000.0, help="never offer more than this (cells/s)")
-    parser.add_argument("--refine", type=int, default=REFINE_STEPS,
-                        help=f"bisection steps between the last sustained and the first failed level (default {REFINE_STEPS})")
-    parser.add_argument("--late-tolerance", type=float, default=LATE_TOLERANCE,
-                        help=f"share of late cells a sustained level may have (default {LATE_TOLERANCE})")
-    parser.add_argument("--max-p99-ms", type=float, default=MAX_P99_MS,
-                        help=f"p99 latency a sustained level may have (default {MAX_P99_MS:g})")
-    parser.add_argument("--transit-ms", type=float, default=MAX_P99_MS,
-                        help=f"sweep: each cell's deadline after capture (default {MAX_P99_MS:g}, the p99 bound)")
-    parser.add_argument("--target-rate", type=float, default=TARGET_RATE,
-                        help=f"target run: cells/s an instrument needs (default {TARGET_RATE:g}; 0 skips it)")
-    parser.add_argument("--target-seconds", type=float, default=TARGET_SECONDS,
-                        help=f"target run length (default {TARGET_SECONDS:g})")
-    parser.add_argument("--target-transit-ms", type=float, default=TARGET_TRANSIT_MS,
-                        help=f"target run: deadline after capture (default {TARGET_TRANSIT_MS:g})")
-    parser.add_argument("--max-batch", type=int, default=64, help="the streamer's largest batch, and the ceiling's (default 64)")
-    parser.add_argument("--cells", default="synthetic", metavar="SOURCE",
-                        help="cells to send: synthetic (default), an acquisition file (e.g. the Jurkat sample "
-                        "from `flowsort import ideas ... --to-acquisition`) or a dataset folder")
-    parser.add_argument("--prior", choices=("jurkat", "uniform"), default="jurkat", help="synthetic stage mix")
-    parser.add_argument("--pool", type=int, default=4096, help="distinct synthetic cells (default 4096)")
-    parser.add_argument("--cells-per-message", type=int, default=1, metavar="N", help="cells per message (default 1)")
-    parser.add_argument("--config", type=Path, default=None, help="streamer.toml to start from (endpoints are replaced)")
-    parser.add_argument("--gate-threshold", type=float, default=None, metavar="P", help="gates' min_probability")
-    parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="engine-only timing over its batch sizes (default 5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-decisions", action="store_true",
-                        help="also write every level's per-cell arrays (levels/<engine>-<rate>.npz)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/e2e"), help="output folder")
-    parser.set_defaults(run=run)
+@dataclass(frozen=True)
+class SweepSettings:
+    """What `flowsort bench e2e` sweeps, and how (the command's options, one field each)."""
+
+    bundle: Path
+    engines: str | None = None  # "a,b"; None: every engine available here
+    levels: str = ",".join(map(str, DEFAULT_LEVELS))
+    seconds: float = DEFAULT_SECONDS
+    growth: float = GROWTH
+    max_rate: float = MAX_RATE
+    refine: int = REFINE_STEPS
+    late_tolerance: float = LATE_TOLERANCE
+    max_p99_ms: float = MAX_P99_MS
+    transit_ms: float = MAX_P99_MS
+    target_rate: float = TARGET_RATE
+    target_seconds: float = TARGET_SECONDS
+    target_transit_ms: float = TARGET_TRANSIT_MS
+    max_batch: int = MAX_BATCH
+    cells: str = "synthetic"
+    prior: str = "jurkat"
+    pool: int = DEFAULT_POOL
+    cells_per_message: int = 1
+    config: Path | None = None
+    gate_threshold: float | None = None
+    ceiling_seconds: float = CEILING_SECONDS
+    seed: int = 0
+    save_decisions: bool = False
+    out: Path = Path("runs/bench/e2e")
 
 
 def levels_list(text: str) -> list[float]:
@@ -136,10 +120,10 @@ def judge(summary: dict[str, Any], late_tolerance: float, max_p99_ms: float) -> 
 class Sweep:
     """Levels of one engine, run against one streamer."""
 
-    def __init__(self, link: Any, messages: Any, args: argparse.Namespace, engine: str, progress: Any) -> None:
+    def __init__(self, link: Any, messages: Any, settings: SweepSettings, engine: str, progress: Any) -> None:
         self.link = link
         self.messages = messages
-        self.args = args
+        self.settings = settings
         self.engine = engine
         self.progress = progress
         self.levels: list[dict[str, Any]] = []
@@ -148,10 +132,10 @@ class Sweep:
 
     def run_level(self, rate: float) -> dict[str, Any]:
         """One sweep level, judged on drops, errors, late cells and p99."""
-        args = self.args
-        summary = self.measure(rate, args.seconds, args.transit_ms, f"e2e-{self.engine}-{len(self.levels) + 1}-{rate:g}",
-                               seed=args.seed + len(self.levels))
-        ok, why = judge(summary, args.late_tolerance, args.max_p99_ms)
+        settings = self.settings
+        summary = self.measure(rate, settings.seconds, settings.transit_ms,
+                               f"e2e-{self.engine}-{len(self.levels) + 1}-{rate:g}", seed=settings.seed + len(self.levels))
+        ok, why = judge(summary, settings.late_tolerance, settings.max_p99_ms)
         summary["sustained"], summary["reason"] = ok, why
         self.levels.append(summary)
         self._show(rate, summary, "" if ok else f" - not sustained ({why})")
@@ -159,23 +143,23 @@ class Sweep:
 
     def run_target(self) -> dict[str, Any]:
         """The target run: the instrument's rate with its deadline, judged as its sorter would."""
-        args = self.args
-        summary = self.measure(args.target_rate, args.target_seconds, args.target_transit_ms,
-                               f"e2e-{self.engine}-target-{args.target_rate:g}", seed=args.seed + 10_000)
+        settings = self.settings
+        summary = self.measure(settings.target_rate, settings.target_seconds, settings.target_transit_ms,
+                               f"e2e-{self.engine}-target-{settings.target_rate:g}", seed=settings.seed + 10_000)
         p99 = summary["latency_ms"]["p99"]
         summary["ok"] = bool(summary["dropped"] == 0 and summary["late"] == 0 and not summary["errors"]
                              and summary["missing"] == 0 and p99 is not None and p99 <= TARGET_P99_MS)
-        self._show(args.target_rate, summary, " - target met" if summary["ok"] else " - target missed")
+        self._show(settings.target_rate, summary, " - target met" if summary["ok"] else " - target missed")
         return summary
 
     def measure(self, rate: float, seconds: float, transit_ms: float, acquisition: str, seed: int) -> dict[str, Any]:
         from bench.link import cpu_use
         from bench.pacing import poisson_times
-        from bench.results import raw_arrays, summarize
+        from bench.run_summary import raw_arrays, summarize
         from bench.traffic import run_plan
 
-        args, link = self.args, self.link
-        times = poisson_times(rate, seconds, np.random.default_rng(seed), args.cells_per_message)
+        settings, link = self.settings, self.link
+        times = poisson_times(rate, seconds, np.random.default_rng(seed), settings.cells_per_message)
         plan = self.messages.plan(times, acquisition, self.next_id, int(transit_ms * 1e6))
         self.next_id += plan.cells
         streamer_cpu = link.streamer_cpu_s()
@@ -197,8 +181,8 @@ class Sweep:
         summary["transit_ms"] = transit_ms
         summary["start_s"] = self.offset_s
         self.offset_s += record.wall_s + PAUSE_S
-        if args.save_decisions:
-            folder = args.out / "levels"
+        if settings.save_decisions:
+            folder = settings.out / "levels"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{acquisition.removeprefix('e2e-')}.npz"
             np.savez(path, **raw_arrays(record))
@@ -215,41 +199,41 @@ class Sweep:
         """The sweep's levels, then the target run (None when --target-rate is 0)."""
         from bench.traffic import Collector, handshake, push_socket
 
-        args = self.args
+        settings = self.settings
         self.socket = push_socket(self.link.context, self.link.ingest)
         self.collector = Collector(self.link.decisions, self.link.context)
         try:
             pong = handshake(self.socket, self.collector)
             self.link.engine = pong.get("engine", "")
-            base = levels_list(args.levels)
+            base = levels_list(settings.levels)
             for rate in base:
-                self.run_level(min(rate, args.max_rate))
+                self.run_level(min(rate, settings.max_rate))
             best, failed = self.bounds()
             rate = min(base)
             for _ in range(LOWER_STEPS):  # nothing sustained: look below the list
                 if best is not None:
                     break
                 rate /= 2
-                self.progress.total += args.seconds
+                self.progress.total += settings.seconds
                 self.run_level(round(rate))
                 best, failed = self.bounds()
             rate = max(base)
-            while failed is None and args.growth > 1 and rate * args.growth <= args.max_rate:
+            while failed is None and settings.growth > 1 and rate * settings.growth <= settings.max_rate:
                 if self.levels[-1]["reason"].startswith("sender-limited"):
                     break
-                rate *= args.growth
-                self.progress.total += args.seconds
+                rate *= settings.growth
+                self.progress.total += settings.seconds
                 self.run_level(round(rate))
                 best, failed = self.bounds()
-            for _ in range(args.refine):
+            for _ in range(settings.refine):
                 if best is None or failed is None or failed / best < 1.05:
                     break
                 if self.levels[-1]["reason"].startswith("sender-limited"):
                     break
-                self.progress.total += args.seconds
+                self.progress.total += settings.seconds
                 self.run_level(round((best + failed) / 2))
                 best, failed = self.bounds()
-            target = self.run_target() if args.target_rate > 0 else None
+            target = self.run_target() if settings.target_rate > 0 else None
         finally:
             self.collector.close()
             self.socket.close(linger=0)
@@ -281,52 +265,52 @@ def engine_ceiling(bundle_path: Path, engine: str, precision: str, max_batch: in
         return ceiling(loaded, cells, sizes, seconds / len(sizes))
 
 
-def run(args: argparse.Namespace) -> int:
+def sweep_engines(settings: SweepSettings) -> dict[str, Any]:
+    """Sweep every chosen engine, write e2e.json and e2e.html to ``settings.out`` and print the table."""
     from tqdm import tqdm
 
     import engines
-    from bench.acquisition import load_cells
-    from bench.link import ModelInfo, open_link
-    from bench.results import describe_machine
+    from bench.cell_sources import load_cells
+    from bench.link import LinkOptions, ModelInfo, open_link
+    from bench.run_summary import describe_machine
     from bench.traffic import CellMessages
 
-    if args.seconds <= 0:
+    if settings.seconds <= 0:
         raise UserError("--seconds must be positive")
-    model = ModelInfo.load(args.bundle)
+    model = ModelInfo.load(settings.bundle)
     reasons = engines.available()
-    chosen = [n.strip() for n in args.engines.split(",")] if args.engines else [n for n, r in reasons.items() if r is None]
+    chosen = [n.strip() for n in settings.engines.split(",")] if settings.engines else [n for n, r in reasons.items() if r is None]
     for name in chosen:
         if name not in reasons:
             raise UserError(f"unknown engine {name!r}: choose from {', '.join(reasons)}")
         if reasons[name]:
             raise UserError(reasons[name])
-    cells = load_cells(args.cells, model.input_size, seed=args.seed, pool=args.pool, prior=args.prior)
-    messages = CellMessages(cells, args.cells_per_message, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = levels_list(args.levels)
+    cells = load_cells(settings.cells, model.input_size, seed=settings.seed, pool=settings.pool, prior=settings.prior)
+    messages = CellMessages(cells, settings.cells_per_message, seed=settings.seed)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    base = levels_list(settings.levels)
     results: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine_info = describe_machine()  # before the run: the load average says what else the machine was doing
-    if args.target_rate < 0 or args.target_seconds <= 0:
+    if settings.target_rate < 0 or settings.target_seconds <= 0:
         raise UserError("--target-rate must be >= 0 and --target-seconds positive")
-    per_engine = len(base) * args.seconds + (args.target_seconds if args.target_rate else 0)
+    per_engine = len(base) * settings.seconds + (settings.target_seconds if settings.target_rate else 0)
     with tqdm(total=per_engine * len(chosen), unit="s", file=sys.stderr,
               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}] {postfix}") as progress:
         for name in chosen:
             progress.set_description(f"{name}: starting the streamer")
-            link_args = argparse.Namespace(serve=args.bundle, bundle=None, config=args.config, ingest=None,
-                                           decisions=None, engine=name, gate_threshold=args.gate_threshold,
-                                           record=None, max_batch=args.max_batch)
-            with open_link(link_args, args.out, name=f"serve-{name}") as link:
+            options = LinkOptions(serve=settings.bundle, config=settings.config, engine=name,
+                                  gate_threshold=settings.gate_threshold, max_batch=settings.max_batch)
+            with open_link(options, settings.out, name=f"serve-{name}") as link:
                 progress.set_description(name)
-                sweep = Sweep(link, messages, args, name, progress)
+                sweep = Sweep(link, messages, settings, name, progress)
                 levels, target = sweep.run()
                 engine_label = link.engine
                 gates = [g.__dict__ for g in link.gates]
             best, failed = sweep.bounds()
             precision = engine_label.split(" ", 1)[1] if " " in engine_label else "auto"
             progress.set_description(f"{name}: engine ceiling")
-            ceiling = engine_ceiling(args.bundle, name, precision, args.max_batch, args.ceiling_seconds)
+            ceiling = engine_ceiling(settings.bundle, name, precision, settings.max_batch, settings.ceiling_seconds)
             rate = ceiling["throughput_cells_per_s"]
             results.append({
                 "engine": name, "engine_label": engine_label, "precision": precision, "gates": gates,
@@ -335,26 +319,26 @@ def run(args: argparse.Namespace) -> int:
             })
     report = {
         "command": "flowsort bench e2e " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "e2e"] else sys.argv[1:]),
-        "date": started, "machine": machine_info, "bundle": str(args.bundle),
+        "date": started, "machine": machine_info, "bundle": str(settings.bundle),
         "model": {"classes": list(model.class_names), "merges": list(model.merges), "input_size": model.input_size},
         "cells": cells.description, "targets": TARGETS,
-        "settings": {"levels": base, "seconds": args.seconds, "growth": args.growth, "refine": args.refine,
-                     "late_tolerance": args.late_tolerance, "max_p99_ms": args.max_p99_ms,
-                     "transit_ms": args.transit_ms, "target_rate": args.target_rate,
-                     "target_seconds": args.target_seconds, "target_transit_ms": args.target_transit_ms,
-                     "max_batch": args.max_batch,
-                     "cells_per_message": args.cells_per_message, "arrivals": "poisson"},
+        "settings": {"levels": base, "seconds": settings.seconds, "growth": settings.growth, "refine": settings.refine,
+                     "late_tolerance": settings.late_tolerance, "max_p99_ms": settings.max_p99_ms,
+                     "transit_ms": settings.transit_ms, "target_rate": settings.target_rate,
+                     "target_seconds": settings.target_seconds, "target_transit_ms": settings.target_transit_ms,
+                     "max_batch": settings.max_batch,
+                     "cells_per_message": settings.cells_per_message, "arrivals": "poisson"},
         "engines": results,
     }
     report["checks"] = checks(report)
     from bench.simulator import _json_default
 
-    json_path = args.out / "e2e.json"
+    json_path = settings.out / "e2e.json"
     json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    html_path = write_html(report, args.out / "e2e.html")
+    html_path = write_html(report, settings.out / "e2e.html")
     print(table(report))
     print(f"written {json_path} and {html_path}")
-    return 0
+    return report
 
 
 def checks(report: dict[str, Any]) -> list[dict[str, Any]]:

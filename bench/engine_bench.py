@@ -15,7 +15,6 @@ latency/throughput frontier) into the output folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -33,38 +32,7 @@ WARMUP_CALLS = 3
 MIN_CALLS = 5
 ROUND_CALLS = 4  # calls per turn when two functions are interleaved
 BASELINE = "torch-eager"
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "engines",
-        help="throughput and latency of each engine and precision across batch sizes",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle from `flowsort train`")
-    parser.add_argument("--engines", type=names, default=None, metavar="A,B",
-                        help="engines to time (default: every one available here)")
-    parser.add_argument("--batch-sizes", type=batch_sizes, default=DEFAULT_BATCHES, metavar="N,N",
-                        help=f"batch sizes (default {','.join(map(str, DEFAULT_BATCHES))})")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing per engine and batch size (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for OpenVINO and torch (default: all)")
-    parser.add_argument("--no-baseline", action="store_true", help=f"skip the {BASELINE} baseline")
-    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/engines"), help="output folder")
-    parser.set_defaults(run=run)
-
-
-def names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(sorted({int(part) for part in text.split(",")}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected batch sizes separated by commas, like 1,8,64; got {text!r}") from None
-    if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
-    return sizes
+DEFAULT_SECONDS_PER_POINT = 2.0
 
 
 def timed(functions: dict[str, Callable[[], object]], seconds: float) -> dict[str, np.ndarray]:
@@ -136,7 +104,7 @@ def eager_torch(bundle: Any, threads: int | None) -> Callable[[np.ndarray], obje
     """What a researcher would write: the trained module in eval mode, float32 tensors, no_grad."""
     import torch
 
-    from trainer.inference import load_deployed
+    from engines.deployed_model import load_deployed
 
     if threads:
         torch.set_num_threads(threads)
@@ -218,47 +186,50 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def time_engines(bundle_path: Path, out: Path, engines_to_time: tuple[str, ...] | None = None,
+                 sizes: tuple[int, ...] = DEFAULT_BATCHES, seconds: float = DEFAULT_SECONDS_PER_POINT,
+                 threads: int | None = None, baseline: bool = True) -> dict[str, Any]:
+    """Time every engine and precision (``engines_to_time``: all available) at each batch size; write
+    engines.json and engines.png to ``out``, print the table and return the report."""
     from tqdm import tqdm
 
     import engines
     from engines.bundle import load_bundle
 
-    if args.seconds <= 0:
+    if seconds <= 0:
         raise UserError("--seconds must be positive")
-    bundle = load_bundle(args.bundle)
-    sizes = args.batch_sizes
-    configs = configurations(bundle, args.engines)
+    bundle = load_bundle(bundle_path)
+    configs = configurations(bundle, engines_to_time)
     images, _ = bundle.validation_cells()
     cells = np.ascontiguousarray(np.resize(images, (sizes[-1], *images.shape[1:])))
-    baseline = None if args.no_baseline or engines.available()["torch"] else eager_torch(bundle, args.threads)
+    eager = None if not baseline or engines.available()["torch"] else eager_torch(bundle, threads)
     rows: list[dict[str, Any]] = []
     described: list[dict[str, Any]] = []
-    with tqdm(total=len(sizes) * (len(configs) + (baseline is not None)), unit="point") as progress:
-        if baseline is not None:
+    with tqdm(total=len(sizes) * (len(configs) + (eager is not None)), unit="point") as progress:
+        if eager is not None:
             progress.set_description(BASELINE)
             for batch in sizes:
                 batch_cells = cells[:batch]
-                laps = timed({"eager": lambda: baseline(batch_cells)}, args.seconds)["eager"]
+                laps = timed({"eager": lambda: eager(batch_cells)}, seconds)["eager"]
                 rows.append({"engine": BASELINE, "precision": "fp32", "batch": batch, **summary(laps, batch)})
                 progress.update()
         for name, precision in configs:
             progress.set_description(f"{name} {precision}")
-            options = {"threads": args.threads} if name != "tensorrt" else {}
+            options = {"threads": threads} if name != "tensorrt" else {}
             with engines.load(bundle, name, precision, max_batch=sizes[-1], **options) as engine:
                 described.append(engine.describe())
-                rows += bench_engine(engine, cells, sizes, args.seconds, progress.update)
-    args.out.mkdir(parents=True, exist_ok=True)
+                rows += bench_engine(engine, cells, sizes, seconds, progress.update)
+    out.mkdir(parents=True, exist_ok=True)
     report = {
         "bundle": str(bundle.path), "bundle_hash": bundle.content_hash, "machine": describe(),
-        "settings": {"batch_sizes": list(sizes), "seconds": args.seconds, "threads": args.threads},
+        "settings": {"batch_sizes": list(sizes), "seconds": seconds, "threads": threads},
         "engines": described, "overhead_target": OVERHEAD_TARGET, "results": rows,
     }
-    (args.out / "engines.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, args.out / "engines.png")
+    (out / "engines.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, out / "engines.png")
     print(table(rows))
-    print(f"written {args.out / 'engines.json'} and {args.out / 'engines.png'}")
-    return 0
+    print(f"written {out / 'engines.json'} and {out / 'engines.png'}")
+    return report
 
 
 def table(rows: list[dict[str, Any]]) -> str:

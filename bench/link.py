@@ -16,13 +16,28 @@ from typing import Any
 
 import zmq
 
+from bench.defaults import DEFAULT_GATE_THRESHOLD
 from bench.scoring import GateSpec
 from flowsort.errors import UserError
 
-from bench.cli_args import DEFAULT_GATE_THRESHOLD, add_link_arguments  # noqa: F401 (re-exported)
-
 MITOTIC = ("Prophase", "Metaphase", "Anaphase", "Telophase")
 EPHEMERAL = "tcp://127.0.0.1:*"
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """Which streamer to use: ``serve`` starts one on that bundle for the run, else the running one of ``config``
+    (or ``ingest``/``decisions``) is used, scored against ``bundle``'s classes."""
+
+    serve: Path | None = None
+    bundle: Path | None = None
+    config: Path | None = None
+    ingest: str | None = None
+    decisions: str | None = None
+    engine: str | None = None
+    gate_threshold: float | None = None
+    record: Path | None = None
+    max_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,22 +217,22 @@ def _connect_endpoint(endpoint: str) -> str:
 
 
 @contextlib.contextmanager
-def open_link(args: argparse.Namespace, workdir: Path, name: str = "serve") -> Iterator[Link]:
-    """The streamer of ``args`` (add_link_arguments): started here with --serve, else the running one."""
+def open_link(options: LinkOptions, workdir: Path, name: str = "serve") -> Iterator[Link]:
+    """The streamer ``options`` name: started here (``serve``), else the running one."""
     from streamer.config import load_config
 
     context = zmq.Context(io_threads=1)
     try:
-        if args.serve is not None:
+        if options.serve is not None:
             from streamer.testing import Served, write_toml
 
-            model = ModelInfo.load(args.serve)
-            config = service_config(model, read_toml(args.config), args.engine, getattr(args, "max_batch", None),
-                                    args.gate_threshold, args.record)
+            model = ModelInfo.load(options.serve)
+            config = service_config(model, read_toml(options.config), options.engine, options.max_batch,
+                                    options.gate_threshold, options.record)
             workdir.mkdir(parents=True, exist_ok=True)
             path = write_toml(workdir / f"{name}.toml", config)
             try:
-                served = Served(args.serve, path, workdir, name=name, timeout=180)
+                served = Served(options.serve, path, workdir, name=name, timeout=180)
             except (RuntimeError, TimeoutError) as exc:
                 raise UserError(f"the streamer did not start: {exc}") from None
             try:
@@ -226,14 +241,14 @@ def open_link(args: argparse.Namespace, workdir: Path, name: str = "serve") -> I
             finally:
                 served.stop()
         else:
-            if args.record is not None:
+            if options.record is not None:
                 raise UserError("--record needs --serve (to record a running stream, use `flowsort record`)")
-            config = load_config(args.config)
-            bundle = args.bundle
+            config = load_config(options.config)
+            bundle = options.bundle
             model = ModelInfo.load(bundle) if bundle else None
             gates = [GateSpec(g.name, g.classes) for g in config.gates]
-            ingest = args.ingest or _connect_endpoint(config.ingest.endpoint)
-            decisions = args.decisions or _connect_endpoint(config.push.endpoint)
+            ingest = options.ingest or _connect_endpoint(config.ingest.endpoint)
+            decisions = options.decisions or _connect_endpoint(config.push.endpoint)
             yield Link(ingest, decisions, gates, model, context)
     finally:
         context.destroy(linger=0)

@@ -12,7 +12,6 @@ and the service's own per-stage time per message (``flowsort_stage_*``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from engines.base import Engine, OutputBuffers, Outputs
 from engines.bundle import Bundle
 from flowsort.errors import UserError
 
-DEFAULT_SIZES = "1,64"
+DEFAULT_SIZES = "1,64"  # cells per message
 DEFAULT_MESSAGES = 60_000
 TARGET_MESSAGES_PER_S = 30_000  # single-cell messages through the service on one core
 
@@ -49,24 +48,6 @@ class NullEngine(Engine):
 
     def _finish(self, slot: int, n: int) -> Outputs:
         return self._outputs.first(n)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "overhead",
-        help="the service path's cost per message, with an engine that does no work (one core for the service)",
-        description="Start the service on one core with an engine that does no work and send pre-built messages "
-        "from another core as fast as it takes them. Per message size: messages and cells decided per second, and "
-        "the service's time per message in each stage. Writes overhead.json and overhead.png to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("bundle", type=Path, help="model bundle (for its input shape, classes and policy)")
-    parser.add_argument("--cells-per-message", default=DEFAULT_SIZES, metavar="N,N", help="message sizes to measure")
-    parser.add_argument("--messages", type=int, default=DEFAULT_MESSAGES, help="messages per size (at most)")
-    parser.add_argument("--cells", type=int, default=DEFAULT_MESSAGES, help="cells per size (at most)")
-    parser.add_argument("--core", type=int, default=0, help="the core the service runs on")
-    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/overhead"), help="output folder")
-    parser.set_defaults(run=run)
 
 
 def serve_null(bundle: str, config: str, ready_file: str, core: int | None) -> None:
@@ -147,7 +128,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def measure_overhead(bundle: Path, sizes: list[int], messages: int = DEFAULT_MESSAGES, cells: int = DEFAULT_MESSAGES,
+                     core: int = 0, out: Path = Path("runs/bench/overhead")) -> dict[str, Any]:
+    """Per message size in ``sizes``: the service on ``core`` with a no-work engine, sent at most ``messages``
+    messages (and ``cells`` cells) back to back; writes overhead.json and overhead.png to ``out``."""
     import multiprocessing
 
     import zmq
@@ -158,27 +142,23 @@ def run(args: argparse.Namespace) -> int:
     from engines.cpu import describe, usable_cores
     from streamer.testing import config_dict, write_toml
 
-    try:
-        sizes = [int(v) for v in args.cells_per_message.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--cells-per-message: expected sizes separated by commas, got {args.cells_per_message!r}")
     if not sizes or min(sizes) < 1 or max(sizes) > 4096:
-        raise UserError("--cells-per-message: sizes must be 1..4096")
-    model = ModelInfo.load(args.bundle)
+        raise UserError("cells per message must be 1..4096")
+    model = ModelInfo.load(bundle)
     cores = sorted(os.sched_getaffinity(0))
-    if args.core not in cores:
-        raise UserError(f"--core {args.core} is not one this process may use ({cores})")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if core not in cores:
+        raise UserError(f"core {core} is not one this process may use ({cores})")
+    out.mkdir(parents=True, exist_ok=True)
     config = config_dict(batching={"queue_cells": 65536, "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]},
                          deadline={"budget_us": 0}, engine={"engine": "openvino"})
     config["engine"].pop("engine")
-    config_path = write_toml(args.out / "overhead.toml", config)
-    ready = args.out / "overhead.ready.json"
+    config_path = write_toml(out / "overhead.toml", config)
+    ready = out / "overhead.ready.json"
     ready.unlink(missing_ok=True)
     child = multiprocessing.get_context("spawn").Process(
-        target=serve_null, args=(str(args.bundle), str(config_path), str(ready), args.core), daemon=True)
+        target=serve_null, args=(str(bundle), str(config_path), str(ready), core), daemon=True)
     child.start()
-    others = [c for c in cores if c != args.core]
+    others = [c for c in cores if c != core]
     own_affinity = set(cores)
     if others:
         os.sched_setaffinity(0, set(others))  # the sender and collector keep off the service's core
@@ -188,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
         info = wait_ready(child, ready)
         link = _Link(info, context, child.pid)
         handshake(link.socket, link.collector)
-        cells = synthetic_cells(256, model.input_size, seed=1)
+        pool = synthetic_cells(256, model.input_size, seed=1)
         first_id = 1
         for per_message in sizes:
-            messages = max(1, min(args.messages, args.cells // per_message))
-            row = measure(link, cells, per_message, messages, first_id)
-            first_id += messages * per_message
+            count = max(1, min(messages, cells // per_message))
+            row = measure(link, pool, per_message, count, first_id)
+            first_id += count * per_message
             rows.append(row)
             print(f"{per_message:5d} cells/message: {row['messages_per_s']:9,.0f} messages/s, "
                   f"{row['cells_per_s']:10,.0f} cells/s decided ({row['cells_decided']:,} of {row['cells_sent']:,}); "
@@ -209,12 +189,12 @@ def run(args: argparse.Namespace) -> int:
             child.kill()
         context.destroy(linger=0)
         os.sched_setaffinity(0, own_affinity)
-    result = {"machine": describe(), "service_core": args.core, "service_cores": 1, "cores": usable_cores(),
+    result = {"machine": describe(), "service_core": core, "service_cores": 1, "cores": usable_cores(),
               "target_single_cell_messages_per_s": TARGET_MESSAGES_PER_S, "rows": rows}
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, args.out / "overhead.png")
-    print(f"written {args.out / 'overhead.json'} and {args.out / 'overhead.png'}")
-    return 0
+    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, out / "overhead.png")
+    print(f"written {out / 'overhead.json'} and {out / 'overhead.png'}")
+    return result
 
 
 def wait_ready(child: Any, ready: Path, timeout: float = 120.0) -> dict[str, Any]:

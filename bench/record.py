@@ -21,9 +21,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from bench.acquisition import TRUTH_KEY_BYTES, Truth, header_truth, truth_record
 from streamer import protocol as p
 from streamer.recording import AcquisitionWriter
+from streamer.recording_truth import TRUTH_KEY_BYTES, Truth, header_truth, truth_record
 
 log = logging.getLogger(__name__)
 TRUTH_FLUSH_CELLS = 4096

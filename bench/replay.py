@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from bench.acquisition import read_recording
+from streamer.recording_truth import read_recording
 from bench.traffic import Plan, RunRecord, push_socket, recording_plan, run_plan
 
 __all__ = ["load_plan", "send_only"]

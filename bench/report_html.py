@@ -97,7 +97,7 @@ def plain_log_labels(axes: Any) -> None:
 
 
 def run_sections(summary: dict[str, Any], deadline_ms: float | None = None) -> list[str]:
-    """Tables and plots of one run's summary (bench.results.summarize)."""
+    """Tables and plots of one run's summary (bench.run_summary.summarize)."""
     latency, service = summary["latency_ms"], summary["service_latency_ms"]
     rows = [
         ("offered", fmt(summary["offered_cells_per_s"], " cells/s", 0)),

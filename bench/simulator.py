@@ -1,7 +1,7 @@
 """The simulated imaging flow cytometer, and the one-run driver that simulate, replay and the demo share.
 
 The instrument: cells from the synthetic cytometer (ground truth known) or any
-:class:`~bench.acquisition.CellSet`, arriving as a Poisson process (or evenly)
+:class:`~bench.cell_sources.CellSet`, arriving as a Poisson process (or evenly)
 at a given rate, sent one per message or in blocks, each with a deadline: its
 capture time plus the transit time to the sort point. :func:`live_run` sends a
 plan to a streamer, shows the dashboard, collects the decisions and returns
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.acquisition import CellSet
-from bench.cli_args import DEFAULT_TRANSIT_MS
+from bench.cell_sources import CellSet
+from bench.defaults import DEFAULT_TRANSIT_MS
 from bench.dashboard import Dashboard, LiveView
 from bench.link import Link, cpu_use, service_and_engine_cores
 from bench.pacing import fixed_times, poisson_times
-from bench.results import summarize
+from bench.run_summary import summarize
 from bench.traffic import CellMessages, Collector, PacedSender, Plan, RunRecord, handshake, push_socket, run_plan
 from streamer import codec
 from streamer import protocol as p
@@ -145,7 +145,7 @@ def write_outputs(out: Path, name: str, title: str, summary: dict[str, Any], set
                   deadline_ms: float | None) -> tuple[Path, Path]:
     """``<name>.json`` and ``<name>.html`` in ``out``."""
     from bench.report_html import e, run_sections, table, write
-    from bench.results import describe_machine
+    from bench.run_summary import describe_machine
 
     out.mkdir(parents=True, exist_ok=True)
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": describe_machine(), "settings": settings,

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.acquisition import TRUTH_KEY, CellSet, Recording, Truth
+from bench.cell_sources import CellSet
 from bench.pacing import DEFAULT_SPIN_S, Pacer, PacingStats, pacing_stats
 from streamer import codec
 from streamer import protocol as p
+from streamer.recording_truth import TRUTH_KEY, Recording, Truth
 
 START_DELAY_S = 0.1
 TRUTH_DTYPES = {"label": np.dtype("<i2"), "dead": np.dtype("u1"), "debris": np.dtype("u1")}

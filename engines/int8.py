@@ -2,8 +2,8 @@
 
 ``flowsort quantize BUNDLE DATASET`` draws calibration cells from the training
 data (never the bundle's validation cells, which judge the result) and stores
-them in the bundle, quantizes the OpenVINO model with NNCF, and runs the
-accuracy guard on the validation cells: the INT8 model must agree with the f32
+them in the bundle, quantizes the OpenVINO model with NNCF
+(:mod:`engines.openvino_int8`), and runs the accuracy guard on the validation cells: the INT8 model must agree with the f32
 model on the predicted class for >= 99% of the cells and lose <= 0.5 points of
 accuracy. A model that fails is deleted; its report stays, so the engine can
 say why INT8 is unavailable. The TensorRT engine calibrates on the same stored
@@ -15,7 +15,6 @@ Everything lives under ``BUNDLE/engines/``, keyed by the bundle's content hash.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,55 +156,3 @@ def load_calibration(bundle: Bundle) -> np.ndarray:
             f"run `flowsort quantize {bundle.path} DATASET` first"
         )
     return np.load(path)
-
-
-def stem_convolutions(model: Any) -> list[str]:
-    """The convolutions fed by the input normalization.
-
-    They stay in float: 8 bits cannot carry the 12-bit camera's pixels, with
-    two input channels they gain nothing from INT8, and quantizing them makes
-    the CPU plugin fold the uint16 input conversion into an INT8 convolution
-    it then refuses ("does not support u16 for use with oneDNN").
-    """
-
-    def consumers(node: Any) -> list[Any]:
-        return [target.get_node() for output in node.outputs() for target in output.get_target_inputs()]
-
-    node = model.get_parameters()[0]
-    while len(consumers(node)) == 1 and consumers(node)[0].get_type_name() != "Convolution":
-        node = consumers(node)[0]
-    return [c.get_friendly_name() for c in consumers(node) if c.get_type_name() == "Convolution"]
-
-
-def quantize_openvino(bundle: Bundle, calibration: np.ndarray, threads: int | None = None) -> GuardReport:
-    """Quantize the bundle's model with NNCF, judge it, keep it only if it passes."""
-    try:
-        import nncf
-    except ImportError as exc:
-        raise UserError("INT8 quantization needs the nncf package: pip install nncf") from exc
-    from engines.openvino_engine import OpenVINOEngine, import_openvino
-
-    ov = import_openvino()
-    model = ov.Core().read_model(str(bundle.onnx_path))
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
-        subset_size=len(calibration),
-        ignored_scope=nncf.IgnoredScope(names=stem_convolutions(model)),
-    )
-    directory = int8_dir(bundle, "openvino")
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    ov.save_model(quantized, str(directory / MODEL_FILE), compress_to_fp16=False)
-    report = run_guard(
-        bundle,
-        OpenVINOEngine(bundle, "fp32", threads=threads),
-        OpenVINOEngine(bundle, "int8", threads=threads, model_path=directory / MODEL_FILE),
-    )
-    if not report.passed:
-        for file in directory.glob("model.*"):
-            file.unlink()
-    write_report(
-        directory, report, calibration_cells=len(calibration), nncf=nncf.__version__, openvino=ov.get_version()
-    )
-    return report

@@ -78,7 +78,7 @@ class TorchEngine(Engine):
     ) -> None:
         import torch
 
-        from trainer.inference import load_deployed
+        from engines.deployed_model import load_deployed
 
         cuda = torch.cuda.is_available()
         resolved = resolve_precision(precision, cuda)

@@ -18,7 +18,7 @@ from flowsort import __version__
 from flowsort.errors import UserError
 from flowsort.help_format import show_defaults
 
-COMMAND_PACKAGES = ("trainer", "engines", "streamer", "bench")
+COMMAND_PACKAGES = ("trainer", "streamer", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Libraries (ONNX exporter, OpenVINO) log chatter at INFO; only flowsort's own packages speak at INFO.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for package in ("flowsort", *COMMAND_PACKAGES):
+    for package in ("flowsort", "engines", *COMMAND_PACKAGES):
         logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.run(args) or 0)

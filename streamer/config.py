@@ -13,9 +13,12 @@ import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowsort.errors import UserError
+
+if TYPE_CHECKING:
+    from streamer.codec import Limits
 
 BIND, CONNECT = "bind", "connect"
 DROP_OLDEST, REFUSE = "drop_oldest", "refuse"
@@ -35,6 +38,13 @@ class IngestConfig:
     hard_limit_factor: int = 4  # ZMQ_MAXMSGSIZE = factor * max_message_bytes: above it ZeroMQ drops the connection
     max_cells_per_message: int = 4096
     max_image_side: int = 1024
+
+    def limits(self) -> Limits:
+        """The per-message limits the service enforces (and the FCS export, so it refuses what the service did)."""
+        from streamer.codec import Limits
+
+        return Limits(max_cells=self.max_cells_per_message, max_side=self.max_image_side,
+                      max_message_bytes=self.max_message_bytes)
 
 
 @dataclass(frozen=True)

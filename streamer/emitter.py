@@ -10,7 +10,7 @@ sorter never stalls inference. The queue in front of the thread is bounded
 as well (oldest dropped, counted).
 
 With ``flowsort serve --results``, each block, once sent, goes on to the
-:class:`~streamer.results_writer.ResultsWriter` with the columns as sent
+:class:`~streamer.results_thread.ResultsWriter` with the columns as sent
 (late cells unsorted) and the copies of the engine outputs the inference
 thread made for it; that never blocks either.
 """
@@ -32,7 +32,7 @@ from streamer import protocol as p
 from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
-from streamer.results_writer import ResultBlock, ResultsWriter
+from streamer.results_thread import ResultBlock, ResultsWriter
 from streamer.threadnames import EMITTER, name_os_thread
 
 log = logging.getLogger(__name__)

@@ -20,21 +20,13 @@ from engines.bundle import Bundle
 from flowsort.errors import UserError
 from streamer import protocol as p
 from streamer.codec import Limits, decode_header, decode_ingest
-from streamer.config import StreamerConfig
 from streamer.fcs import FcsWriter
 from streamer.ingest import InputAdapter
 from streamer.metrics import Metrics
 from streamer.policy import Policy
 from streamer.protocol import Rejected
 from streamer.recording import AcquisitionReader
-from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
-
-
-def limits_for(config: StreamerConfig) -> Limits:
-    """The service's per-message limits, so the export refuses what the service refused."""
-    ingest = config.ingest
-    return Limits(max_cells=ingest.max_cells_per_message, max_side=ingest.max_image_side,
-                  max_message_bytes=ingest.max_message_bytes)
+from streamer.fcs_layout import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
 
 
 @dataclass

@@ -112,14 +112,6 @@ class Reason:
     EXPIRED = "expired"  # the deadline passed before the cell reached the engine (also late)
 
 
-# Reasons whose cells still get an answer when the message carried readable event ids.
-INPUT_REASONS = (
-    Reason.MALFORMED, Reason.UNSUPPORTED_VERSION, Reason.UNKNOWN_TYPE, Reason.MISSING_FIELD, Reason.BAD_FIELD,
-    Reason.FRAME_COUNT, Reason.NO_CELLS, Reason.TOO_MANY_CELLS, Reason.BAD_SHAPE, Reason.BAD_DTYPE,
-    Reason.LENGTH_MISMATCH, Reason.CHANNEL_MISMATCH, Reason.NON_FINITE, Reason.OVERSIZED,
-)
-
-
 class Rejected(Exception):
     """An ingest message that cannot be used, with what is known about it (to answer and to log)."""
 

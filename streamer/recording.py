@@ -24,7 +24,7 @@ that carries it) so replay can score sorting on cells whose classes are
 known: one frame, a msgpack map with ``acquisition``, ``event_ids`` (bin,
 uint64 little-endian), ``class_names`` (array of str), ``label`` (bin, int16:
 an index into ``class_names``, -1 unknown) and optionally ``dead`` and
-``debris`` (bin, one uint8 0/1 per cell); see :mod:`bench.acquisition`.
+``debris`` (bin, one uint8 0/1 per cell); see :mod:`streamer.recording_truth`.
 Readers skip kinds they do not use (:meth:`AcquisitionReader.messages`
 yields kind 2 only), so truth never reaches the service or an FCS export.
 """
@@ -102,12 +102,6 @@ def _body_parts(kind: int, time_ns: int, frames: Sequence[Any]) -> tuple[list[An
     for view in views:
         crc = zlib.crc32(view, crc)
     return [head, *views], length, crc
-
-
-def encode_record(kind: int, time_ns: int, frames: Sequence[Any]) -> bytes:
-    """One record as bytes (tests and tools; the writer sends the parts without joining them)."""
-    parts, length, crc = _body_parts(kind, time_ns, frames)
-    return PREFIX.pack(SYNC, length, crc) + b"".join(bytes(p) for p in parts)
 
 
 class AcquisitionReader:

@@ -5,7 +5,7 @@ Threads (each owns its sockets; none waits on another's work):
 * ingest (:mod:`streamer.ingest`): PULL socket -> validation -> queue;
 * inference (:mod:`streamer.inference`): queue -> batches -> engine -> policy;
 * emitter (:mod:`streamer.emitter`): decisions -> PUSH (sorter) and PUB (monitors);
-* results, with ``--results`` (:mod:`streamer.results_writer`): sent decisions -> FCS files;
+* results, with ``--results`` (:mod:`streamer.results_thread`): sent decisions -> FCS files;
 * HTTP (:mod:`streamer.health`): /metrics, /healthz, /readyz;
 * ZAP authenticator with CURVE (:mod:`streamer.security`);
 * the caller's (main) thread only waits for signals: :meth:`Service.request_stop`
@@ -33,7 +33,6 @@ import zmq
 from flowsort.errors import UserError
 from streamer import protocol as p
 from streamer.batcher import Batcher
-from streamer.codec import Limits
 from streamer.config import StreamerConfig, load_config
 from streamer.emitter import Emitter
 from streamer.health import HealthServer
@@ -42,7 +41,7 @@ from streamer.ingest import Ingest, InputAdapter
 from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model
 from streamer.recording import AcquisitionWriter
-from streamer.results_writer import ResultsWriter, check_results_path
+from streamer.results_thread import ResultsWriter, check_results_path
 from streamer.security import (
     Curve,
     allowed_client_keys,
@@ -186,8 +185,7 @@ class Service:
                                      config.engine.max_consecutive_failures, config.logging.reject_interval_s,
                                      results_embedding=self.results.embedding if self.results else None)
         self.dispatcher.on_swap = self._swapped
-        limits = Limits(max_cells=config.ingest.max_cells_per_message, max_side=config.ingest.max_image_side,
-                        max_message_bytes=config.ingest.max_message_bytes)
+        limits = config.ingest.limits()
         self.ingest = Ingest(
             ingest_socket, monitor, limits=limits, adapter=InputAdapter(model.channels, model.input_size, self.metrics),
             queue=self.dispatcher.queue, queue_marker=self.dispatcher.queue_marker, emitter=self.emitter,

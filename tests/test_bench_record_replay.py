@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import zmq
 
-from bench.acquisition import CellSet, Truth, read_recording, recording_cells, write_dataset_acquisition
+from bench.cell_sources import CellSet, recording_cells
 from bench.record import Recorder
 from bench.replay import load_plan, send_only
 from bench.simulator import instrument_plan
 from flowsort.cli import main
 from streamer.codec import decode_ingest
 from streamer.recording import KIND_TRUTH, PREFIX, AcquisitionReader, scan_file
+from streamer.recording_truth import Truth, read_recording
 from trainer.dataset import read_dataset
+from trainer.dataset_acquisition import write_dataset_acquisition
 
 ANY = "tcp://127.0.0.1:*"
 

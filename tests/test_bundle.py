@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from engines.bundle import load_bundle
+from engines.deployed_model import load_deployed
 from flowsort.errors import UserError
-from trainer.inference import load_deployed, predict
+from trainer.predictions import predict
 from trainer.synthetic import generate
 
 

@@ -98,7 +98,8 @@ def fresh_cells() -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(bundle: Bundle, fresh_cells: np.ndarray) -> Outputs:
     """The torch f32 module the ONNX was exported from, run plainly."""
-    from trainer.inference import load_deployed, predict
+    from engines.deployed_model import load_deployed
+    from trainer.predictions import predict
 
     predicted = predict(load_deployed(bundle), fresh_cells)
     return Outputs(predicted.probabilities, predicted.embedding, predicted.dead_score)
@@ -153,7 +154,7 @@ def test_parity_with_torch_f32(
 
 def test_importing_engines_needs_no_torch() -> None:
     code = (
-        "import sys, engines, engines.base, engines.int8, engines.cli, engines.openvino_engine, "
+        "import sys, engines, engines.base, engines.int8, engines.openvino_int8, engines.openvino_engine, "
         "engines.tensorrt_engine, engines.torch_engine; engines.available(); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -192,3 +192,82 @@ def test_unknown_class_is_refused_unless_a_merge_targets_it(quick_bundle: Path, 
     assert (labels[interphase] == UNLABELED).all() and (labels[~interphase] == renamed.labels[~interphase]).all()
     merged = labels_by_name(renamed, merge.index_by_name())
     np.testing.assert_array_equal(merged, np.maximum(dataset.labels - 2, 0))
+
+
+@pytest.fixture(scope="module")
+def five_class_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained with the paper's merge (G1, S_phase and G2 as Interphase): the bundle records the merge."""
+    folder = tmp_path_factory.mktemp("five-class")
+    cells = generate(300, seed=6, size=32, prior="uniform", dead_fraction=0, debris_fraction=0)
+    dataset = write_dataset(folder / "dataset", to_dataset(cells))
+    bundle = folder / "bundle"
+    assert main(["train", str(dataset), "-o", str(bundle), "--merge", MERGE, "--width", "0.25", "--epochs", "1",
+                 "--batch-size", "32", "--seed", "0"]) == 0
+    return bundle
+
+
+def cells_of(names: tuple[str, ...], seed: int) -> CellDataset:
+    """Synthetic cells of the stages ``names`` only, labeled with just those classes."""
+    dataset = to_dataset(generate(120, seed=seed, size=32, prior="uniform", dead_fraction=0, debris_fraction=0))
+    keep = np.isin(dataset.labels, [STAGES.index(name) for name in names])
+    table = np.array([names.index(name) if name in names else UNLABELED for name in STAGES] + [UNLABELED], np.int16)
+    return CellDataset(images=dataset.images[keep], labels=table[dataset.labels[keep]],
+                       object_ids=dataset.object_ids[keep], class_names=names, channels=dataset.channels,
+                       channel_names=dataset.channel_names)
+
+
+def test_a_merged_model_scores_any_subset_of_the_merged_classes(five_class_bundle: Path, tmp_path: Path) -> None:
+    assert load_bundle(five_class_bundle).class_names[0] == "Interphase"
+    for names in (("G1",), ("G1", "Prophase"), STAGES):
+        dataset = cells_of(names, seed=7)
+        path = write_dataset(tmp_path / "-".join(names)[:40], dataset)
+        out = tmp_path / f"report-{len(names)}"
+        assert main(["evaluate", str(five_class_bundle), str(path), "-o", str(out)]) == 0, names
+        report = json.loads((out / "report.json").read_text())
+        interphase = int(np.isin(dataset.labels, [names.index(n) for n in ("G1", "S_phase", "G2") if n in names]).sum())
+        assert report["n_labeled"] == len(dataset)
+        assert report["per_class"]["Interphase"]["support"] == interphase > 0
+        embedded = tmp_path / f"cells-{len(names)}.npz"
+        assert main(["embed", str(five_class_bundle), str(path), "-o", str(embedded)]) == 0
+        with np.load(embedded) as data:
+            assert (data["labels"] == 0).sum() == interphase and (data["labels"] >= 0).all()
+
+
+def test_unknown_labels_advice_works_when_followed(
+    quick_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A model that records no merge and a dataset naming a class its own way: the error says what to add."""
+    dataset = cells_of(("G1", "S_phase"), seed=8)
+    renamed = CellDataset(images=dataset.images, labels=dataset.labels, object_ids=dataset.object_ids,
+                          class_names=("G1", "S"), channels=dataset.channels, channel_names=dataset.channel_names)
+    path = write_dataset(tmp_path / "renamed", renamed)
+    capsys.readouterr()
+    assert main(["evaluate", str(quick_bundle), str(path), "-o", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "S, which the model does not know" in error
+    advice = error.split("--map-labels ", 1)[1].split(" ", 1)[0]
+    assert advice == "S=CLASS"
+    followed = ["--map-labels", advice.replace("CLASS", "S_phase")]
+    assert main(["evaluate", str(quick_bundle), str(path), "-o", str(tmp_path / "out"), *followed]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["per_class"]["S_phase"]["support"] == int((renamed.labels == 1).sum()) > 0
+    assert report["n_labeled"] == len(renamed)
+
+
+def test_embed_writes_labels_the_model_cannot_use_as_unlabeled(
+    quick_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dataset = cells_of(("G1", "Prophase"), seed=9)
+    renamed = CellDataset(images=dataset.images, labels=dataset.labels, object_ids=dataset.object_ids,
+                          class_names=("G1", "mitotic"), channels=dataset.channels, channel_names=dataset.channel_names)
+    out = tmp_path / "cells.npz"
+    assert main(["embed", str(quick_bundle), str(write_dataset(tmp_path / "ds", renamed)), "-o", str(out)]) == 0
+    assert "mitotic (not classes of the model) are written unlabeled" in capsys.readouterr().out
+    with np.load(out) as data:
+        np.testing.assert_array_equal(data["labels"], np.where(renamed.labels == 0, STAGES.index("G1"), UNLABELED))
+
+
+def test_map_labels_naming_no_dataset_class_is_refused(quick_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_dataset(tmp_path / "g1", cells_of(("G1",), seed=10))
+    assert main(["evaluate", str(quick_bundle), str(path), "-o", str(tmp_path / "out"), "--map-labels", "X=G1"]) == 2
+    assert "--map-labels 'X=G1': the dataset has none of X" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_text_delimiter_is_one_no_value_contains_and_is_escaped_otherwise() -> N
 def test_results_rows_and_codes() -> None:
     from streamer.config import parse_config
     from streamer.policy import Policy
-    from streamer.results import ResultLayout, closing_keywords
+    from streamer.fcs_layout import ResultLayout, closing_keywords
 
     gates = parse_config({"gates": [{"name": "a", "classes": ["A"], "min_probability": 0.6, "stream": 3}]}).gates
     policy = Policy(("A", "B c"), gates, 0.5)

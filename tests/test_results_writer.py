@@ -10,7 +10,7 @@ import pytest
 
 from streamer.config import parse_config
 from streamer.policy import Policy
-from streamer.results_writer import ResultBlock, ResultsWriter
+from streamer.results_thread import ResultBlock, ResultsWriter
 
 flowio = pytest.importorskip("flowio", reason="the independent FCS reader: pip install -e '.[dev]'")
 

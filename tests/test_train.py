@@ -9,9 +9,10 @@ import torch
 
 import trainer.train as train_module
 from engines.bundle import load_bundle
+from engines.deployed_model import load_deployed
 from trainer.crossval import cross_validate
 from trainer.dataset import read_dataset
-from trainer.inference import load_deployed, predict
+from trainer.predictions import predict
 from trainer.synthetic import generate
 from trainer.train import TrainConfig, fit, sampling_weights, stratified_split
 

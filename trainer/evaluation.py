@@ -23,11 +23,13 @@ import numpy as np
 from scipy.special import softmax
 
 from engines.bundle import Bundle, load_bundle
+from engines.deployed_model import load_deployed
 from flowsort.errors import UserError
 from trainer.class_mix import ClassMix
 from trainer.calibration import expected_calibration_error, reliability
 from trainer.dataset import UNLABELED, CellDataset, read_dataset
-from trainer.inference import Predictions, check_compatible, load_deployed, predict
+from trainer.predictions import Predictions, check_compatible, predict
+from trainer.report_html import render_report
 from trainer.merges import apply_merges, merged_classes, parse_merge
 
 PREDICT_CHUNK = 4096  # cells read from the memory-mapped dataset per step of the progress bar
@@ -40,11 +42,6 @@ MAP_PCA_DIMS = 50
 MAP_MIN_CELLS = 10
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-# how to fix a dataset class the model lacks, per command
-MERGE_REMEDY = "or name it as the target of a --merge of model classes (e.g. --merge G1,S_phase,G2=Interphase)"
-IMPORT_REMEDY = "or import the cells unlabeled"
-
-
 @dataclass(frozen=True)
 class Merge:
     """The model's classes merged for evaluation: merged probabilities are sums of their members'."""
@@ -70,25 +67,34 @@ class Merge:
         }
 
 
-def load_inputs(bundle_path: str | Path, dataset_path: str | Path) -> tuple[Bundle, CellDataset]:
-    """The verified bundle and the dataset, refused when the model cannot read its cells."""
+def load_inputs(
+    bundle_path: str | Path, dataset_path: str | Path, label_maps: Sequence[str] = ()
+) -> tuple[Bundle, CellDataset]:
+    """The verified bundle and the dataset labeled in the model's classes, refused when the model cannot read
+    its cells."""
     bundle = load_bundle(bundle_path)
-    dataset = as_trained(bundle, read_dataset(dataset_path))
+    dataset = as_trained(bundle, read_dataset(dataset_path), label_maps)
     check_compatible(bundle, dataset)
     if len(dataset) == 0:
         raise UserError(f"dataset {dataset_path} holds no cells")
     return bundle, dataset
 
 
-def as_trained(bundle: Bundle, dataset: CellDataset) -> CellDataset:
-    """The dataset labeled as the model was trained: the bundle's own training merges applied.
+def as_trained(bundle: Bundle, dataset: CellDataset, label_maps: Sequence[str] = ()) -> CellDataset:
+    """The dataset labeled as the model was trained: the bundle's own training merges applied, then
+    ``label_maps`` (``A,B=CLASS``: dataset classes to a model class, for bundles that record no merge).
 
-    A 5-class model (G1, S_phase and G2 merged into Interphase) then evaluates
-    directly on a 7-stage dataset, without the user repeating the merge.
+    Each merge maps whichever of its classes the dataset holds, so a 5-class
+    model (G1, S_phase and G2 merged into Interphase) evaluates a 7-stage
+    dataset and a dataset of G1 cells alike, without the user repeating the merge.
     """
-    present = set(dataset.class_names)
-    merges = [spec for spec in bundle.manifest["provenance"].get("dataset_merges", []) if set(parse_merge(spec)[0]) <= present]
-    return apply_merges(dataset, merges)
+    for spec in label_maps:
+        members, _ = parse_merge(spec)
+        if not set(members) & set(dataset.class_names):
+            raise UserError(f"--map-labels {spec!r}: the dataset has none of {', '.join(members)}; "
+                            f"its classes are {', '.join(dataset.class_names)}")
+    recorded = bundle.manifest["provenance"].get("dataset_merges", [])
+    return apply_merges(apply_merges(dataset, recorded, missing_ok=True), label_maps, missing_ok=True)
 
 
 def run_model(bundle: Bundle, dataset: CellDataset, chunk: int = PREDICT_CHUNK) -> Predictions:
@@ -118,21 +124,31 @@ def labels_by_name(dataset: CellDataset, index_of: Mapping[str, int]) -> np.ndar
     return table[dataset.labels]  # an UNLABELED (-1) label picks the trailing UNLABELED
 
 
-def check_known_classes(dataset: CellDataset, known: set[str], class_names: Sequence[str], remedy: str) -> None:
+def unknown_classes(dataset: CellDataset, known: set[str]) -> list[str]:
+    """The dataset's classes that label cells and are not in ``known``."""
+    return [name for name, count in dataset.class_counts().items() if count and name not in known]
+
+
+def check_known_classes(dataset: CellDataset, known: set[str], class_names: Sequence[str]) -> None:
     """Refuse labeled cells of a class the model cannot predict: their accuracy would silently be zero."""
-    unknown = [name for name, count in dataset.class_counts().items() if count and name not in known]
+    unknown = unknown_classes(dataset, known)
     if unknown:
         raise UserError(
             f"the dataset labels cells as {', '.join(unknown)}, which the model does not know "
-            f"(its classes: {', '.join(class_names)}): use a dataset labeled with the model's class names, {remedy}"
+            f"(its classes: {', '.join(class_names)}): tell which model class each stands for with "
+            f"--map-labels {unknown[0]}=CLASS (several classes: --map-labels A,B=CLASS, repeatable), "
+            "or import the cells unlabeled"
         )
 
 
-def model_labels(bundle: Bundle, dataset: CellDataset, merge: Merge | None = None, remedy: str = MERGE_REMEDY) -> np.ndarray:
-    """Labels as indices into the bundle's classes; cells labeled only with a merged name become UNLABELED."""
+def model_labels(bundle: Bundle, dataset: CellDataset, merge: Merge | None = None, strict: bool = True) -> np.ndarray:
+    """Labels as indices into the bundle's classes; cells labeled only with a merged name become UNLABELED.
+
+    ``strict`` refuses cells labeled with a class the model does not know; otherwise they become UNLABELED.
+    """
     index_of = {name: index for index, name in enumerate(bundle.class_names)}
-    known = set(index_of) | (set(merge.class_names) if merge else set())
-    check_known_classes(dataset, known, bundle.class_names, remedy)
+    if strict:
+        check_known_classes(dataset, set(index_of) | (set(merge.class_names) if merge else set()), bundle.class_names)
     return labels_by_name(dataset, index_of)
 
 
@@ -336,18 +352,18 @@ def evaluate(
     merges: Sequence[str],
     out: str | Path,
     class_mix: Mapping[str, float] | None = None,
+    label_maps: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate, draw the figures and write ``report.json``, ``report.html`` and the PNGs into ``out``.
 
     ``class_mix`` (class -> frequency over the bundle's classes) also scores the
-    model for a population with that mix (:mod:`trainer.class_mix`).
+    model for a population with that mix (:mod:`trainer.class_mix`);
+    ``label_maps`` name the model class of dataset classes (:func:`as_trained`).
     """
-    from trainer.report_html import render_report
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: give -o a folder for the report")
-    bundle, dataset = load_inputs(bundle_path, dataset_path)
+    bundle, dataset = load_inputs(bundle_path, dataset_path, label_maps)
     merge = Merge.of(bundle.class_names, merges) if merges else None
     mix = ClassMix.of(bundle.class_names, class_mix, bundle.class_prior) if class_mix else None
     labels = model_labels(bundle, dataset, merge)
@@ -388,48 +404,6 @@ def draw_figures(
             out / "embedding_map.png",
         )
     return {name: path for name, path in figures.items() if path is not None}
-
-
-def format_summary(report: dict[str, Any], out: str | Path) -> str:
-    """The few lines `flowsort evaluate` prints."""
-    lines = [_accuracy_line("model classes", report)]
-    if "merged" in report:
-        lines.append(_accuracy_line("merged (" + "; ".join(report["merged"]["merges"]) + ")", report["merged"]))
-    if "class_mix" in report:
-        lines.append(format_class_mix(report["class_mix"]))
-    knn = report["knn"]
-    if knn:
-        lines.append(f"  k-NN on the embedding (k={knn['k']}, cosine): accuracy {format_metric(knn['accuracy'])}")
-    calibration = report["calibration"]
-    lines.append(
-        f"  calibration: ECE {format_metric(calibration['ece_before'])} before, {format_metric(calibration['ece_after'])} after "
-        f"temperature {calibration['temperature']:.3f}"
-    )
-    dead = report["dead_cells"]
-    auroc = f", AUROC {dead['auroc']:.4f} against dead/debris truth" if dead["auroc"] is not None else ""
-    lines.append(f"  dead-cell detector: {dead['n_flagged']:,} of {dead['n_cells']:,} cells flagged "
-                 f"({dead['flagged_fraction']:.2%}){auroc}")
-    lines.append(f"  report: {Path(out) / REPORT_HTML}")
-    return "\n".join(lines)
-
-
-def _accuracy_line(title: str, metrics: dict[str, Any]) -> str:
-    return (
-        f"  {title}: accuracy {format_metric(metrics['accuracy'])}, balanced accuracy {format_metric(metrics['balanced_accuracy'])} "
-        f"on {metrics['n_labeled']:,} labeled cells"
-    )
-
-
-def format_class_mix(metrics: dict[str, Any]) -> str:
-    """One line for the accuracy at a class mix, with the mix it assumed."""
-    mix = ", ".join(f"{name} {share:.2%}" for name, share in metrics["mix"].items())
-    return (f"  at class mix ({mix}): accuracy {format_metric(metrics['accuracy'])}, "
-            f"balanced accuracy {format_metric(metrics['balanced_accuracy'])}")
-
-
-def format_metric(value: float | None) -> str:
-    """A metric for people: four decimals, or n/a where it is undefined."""
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

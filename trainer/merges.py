@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from flowsort.errors import UserError
@@ -17,16 +19,21 @@ def parse_merge(spec: str) -> tuple[tuple[str, ...], str]:
     return names, target.strip()
 
 
-def merged_classes(class_names: tuple[str, ...], merges: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
+def merged_classes(
+    class_names: tuple[str, ...], merges: Sequence[str], missing_ok: bool = False
+) -> tuple[tuple[str, ...], np.ndarray]:
     """New class names and the old-index -> new-index map.
 
     A merged class takes the place of its first member, so the stage order is kept.
+    ``missing_ok`` merges whichever members are present (a dataset holding some of the classes).
     """
     target_of: dict[str, str] = {}
     for spec in merges:
         members, target = parse_merge(spec)
         for name in members:
             if name not in class_names:
+                if missing_ok:
+                    continue
                 raise UserError(f"--merge {spec!r}: no class {name!r}; the classes are {', '.join(class_names)}")
             if name in target_of:
                 raise UserError(f"--merge: class {name!r} is merged twice")
@@ -48,10 +55,11 @@ def remap_labels(labels: np.ndarray, mapping: np.ndarray) -> np.ndarray:
     return out
 
 
-def apply_merges(dataset: CellDataset, merges: list[str]) -> CellDataset:
+def apply_merges(dataset: CellDataset, merges: Sequence[str], missing_ok: bool = False) -> CellDataset:
+    """The dataset with its classes merged (see :func:`merged_classes`)."""
     if not merges:
         return dataset
-    names, mapping = merged_classes(dataset.class_names, merges)
+    names, mapping = merged_classes(dataset.class_names, merges, missing_ok)
     return CellDataset(
         images=dataset.images,
         labels=remap_labels(dataset.labels, mapping),

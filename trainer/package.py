@@ -16,7 +16,7 @@ from flowsort import __version__
 from trainer.calibration import expected_calibration_error, calibrated_probabilities, fit_temperature
 from trainer.dataset import UNLABELED, CellDataset, content_hash
 from trainer.dead_cells import fit_detector, labeled_threshold, quantile_threshold
-from trainer.deployed_model import DeployedDeepFlow, export_onnx
+from engines.deployed_model import DeployedDeepFlow, export_onnx
 from trainer.train import FitResult, TrainConfig, logits_and_embedding
 
 DEAD_TRUTH_KEYS = ("dead", "debris")

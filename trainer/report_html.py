@@ -13,7 +13,7 @@ from typing import Any
 from flowsort.html_page import escape as _e
 from flowsort.html_page import page, png_figure
 from flowsort.html_page import table as _table
-from trainer.evaluation import format_metric
+from trainer.report_text import format_metric
 
 def render_report(report: dict[str, Any], folder: Path) -> str:
     """The page for ``report`` (from :func:`trainer.evaluation.evaluate`), figures read from ``folder``."""

@@ -36,7 +36,7 @@ from engines.deepflow import create_deepflow
 from flowsort.errors import UserError
 from trainer.augment import Augmentation, augment
 from trainer.dataset import CellDataset
-from trainer.deployed_model import DeployedDeepFlow
+from engines.deployed_model import DeployedDeepFlow
 
 MONITORS = ("balanced_accuracy", "accuracy", "loss")
 BALANCE_EXPONENT = {"none": 0.0, "sqrt": 0.5, "full": 1.0}

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import engines
     from engines.bundle import load_bundle
     from streamer.config import load_config
-    from streamer.export import export_fcs, limits_for
+    from streamer.export import export_fcs
     from streamer.policy import policy_for
 
     config = load_config(args.config)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_for(bundle, config)
     with engines.load(bundle, engine=config.engine.engine, precision=config.engine.precision, max_batch=args.batch,
                       threads=config.engine.threads or None) as engine:
-        summary = export_fcs(args.recording, bundle, engine, policy, args.output, limits=limits_for(config),
+        summary = export_fcs(args.recording, bundle, engine, policy, args.output, limits=config.ingest.limits(),
                              acquisition=args.acquisition, embedding=args.embedding, datatype=args.datatype)
         print(f"wrote {summary.path}: {summary.events} cells of acquisition {summary.acquisition!r} "
               f"({engine.name} {engine.precision})")

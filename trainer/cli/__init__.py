@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trainer.cli import gallery, import_dataset, import_ideas, import_montage, import_synthetic, train
-from trainer.cli import embed, evaluate
+from trainer.cli import embed, evaluate, quantize
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,3 +23,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     embed.add_parser(subparsers)
+    quantize.add_parser(subparsers)

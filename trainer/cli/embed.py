@@ -11,7 +11,7 @@ from flowsort.errors import UserError
 if TYPE_CHECKING:
     import numpy as np
 
-    from trainer.inference import Predictions
+    from trainer.predictions import Predictions
 
 FORMATS = (".npz", ".csv", ".parquet")
 
@@ -29,19 +29,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle directory from `flowsort train`")
     parser.add_argument("dataset", type=Path, metavar="DATASET", help="dataset folder from `flowsort import`")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="FILE", help="output file: .npz, .csv or .parquet")
+    add_label_map_argument(parser)
     parser.set_defaults(run=run)
 
 
+def add_label_map_argument(parser: argparse.ArgumentParser) -> None:
+    """--map-labels, shared with `flowsort evaluate`."""
+    parser.add_argument("--map-labels", action="append", default=[], metavar="A,B=CLASS",
+                        help="label the dataset's classes A and B as the model's CLASS, for models that record no "
+                             "merge of them, e.g. S=S_phase (repeatable)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluation import IMPORT_REMEDY, flagged_dead, load_inputs, model_labels, run_model
+    from trainer.evaluation import flagged_dead, load_inputs, model_labels, run_model, unknown_classes
 
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
         raise UserError(f"cannot tell the format of {args.out.name!r}: end -o with .npz, .csv or .parquet")
     if suffix == ".parquet":
         _require_pyarrow()
-    bundle, dataset = load_inputs(args.bundle, args.dataset)
-    labels = model_labels(bundle, dataset, remedy=IMPORT_REMEDY)
+    bundle, dataset = load_inputs(args.bundle, args.dataset, args.map_labels)
+    labels = model_labels(bundle, dataset, strict=False)
+    ignored = unknown_classes(dataset, set(bundle.class_names))
+    if ignored:
+        print(f"note: cells labeled {', '.join(ignored)} (not classes of the model) are written unlabeled; "
+              "--map-labels names the model class they stand for")
     predictions = run_model(bundle, dataset)
     flagged = flagged_dead(predictions.dead_score, bundle)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from trainer.class_mix import parse_class_mix
+from trainer.cli.embed import add_label_map_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "precision/recall/F1 and the confusion matrix (also under --merge), calibration before and after "
             "temperature scaling, k-NN accuracy of the embedding, what the dead-cell detector flags, a t-SNE map "
             "and galleries of example, misclassified and flagged cells. Dataset labels are matched to the "
-            "model's classes by name."
+            "model's classes by name, after the merges the model was trained with (each maps whichever of its "
+            "classes the dataset holds) and --map-labels."
         ),
     )
     parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle directory from `flowsort train`")
@@ -27,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge", action="append", default=[], metavar="A,B=NEW",
                         help="also report metrics with these model classes merged (probabilities summed), "
                              "e.g. G1,S_phase,G2=Interphase (repeatable)")
+    add_label_map_argument(parser)
     parser.add_argument("--class-mix", type=parse_class_mix, metavar="CLASS=N,...",
                         help="also score the model for a population with this class mix (counts or fractions over "
                              "the model's classes): probabilities re-weighted by Bayes' rule as the streamer's "
@@ -36,8 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluation import evaluate, format_summary
+    from trainer.evaluation import REPORT_HTML, evaluate
+    from trainer.report_text import format_summary
 
-    report = evaluate(args.bundle, args.dataset, args.merge, args.out, args.class_mix)
-    print(format_summary(report, args.out))
+    report = evaluate(args.bundle, args.dataset, args.merge, args.out, args.class_mix, args.map_labels)
+    print(format_summary(report, args.out / REPORT_HTML))
     return 0

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.acquisition import print_acquisition_summary, write_dataset_acquisition
+    from trainer.dataset_acquisition import print_acquisition_summary, write_dataset_acquisition
     from trainer.dataset import read_dataset
 
     if args.to_acquisition.exists() and args.to_acquisition.stat().st_size:

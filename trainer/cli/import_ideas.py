@@ -127,7 +127,7 @@ def finish(dataset: CellDataset, out: Path | None, to_acquisition: Path | None =
         write_dataset(out, dataset)
         print(format_summary(dataset, out))
     if to_acquisition is not None:
-        from bench.acquisition import print_acquisition_summary, write_dataset_acquisition
+        from trainer.dataset_acquisition import print_acquisition_summary, write_dataset_acquisition
 
         print_acquisition_summary(write_dataset_acquisition(dataset, to_acquisition))
     return 0

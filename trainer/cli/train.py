@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
-from flowsort.errors import UserError
-from trainer.class_mix import ClassMix, parse_class_mix
+from trainer.class_mix import parse_class_mix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,63 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    from trainer.train import TrainConfig
+    from trainer.training_run import train_bundle
 
-    from trainer.crossval import cross_validate
-    from trainer.dataset import read_dataset
-    from trainer.merges import apply_merges
-    from trainer.package import write_bundle
-    from trainer.train import TrainConfig, fit, stratified_split
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not 0 < args.val_fraction < 1:
-        raise UserError("--val-fraction must be between 0 and 1")
-    if args.folds == 1 or args.folds < 0:
-        raise UserError("--folds must be 0 (no cross-validation) or at least 2")
-    if args.cv_merge and not args.folds:
-        raise UserError("--cv-merge reports cross-validation: give --folds K as well")
-    if args.class_mix and not args.folds:
-        raise UserError("--class-mix reports cross-validation: give --folds K as well "
-                        "(or score a bundle with `flowsort evaluate --class-mix`)")
-    if not 0 < args.dead_quantile < 1:
-        raise UserError("--dead-quantile must be between 0 and 1")
-    dataset = apply_merges(read_dataset(args.dataset), args.merge)
-    if not dataset.is_labeled:
-        raise UserError(f"{args.dataset} has no labeled cells: training needs class folders")
-    labeled = np.flatnonzero(dataset.labels >= 0)
-    if args.class_mix:  # refuse a mix that names the wrong classes now, not after the folds have trained
-        ClassMix.of(dataset.class_names, args.class_mix,
-                    np.bincount(dataset.labels[labeled], minlength=len(dataset.class_names)) / len(labeled))
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, width=args.width, balance=args.balance,
         monitor=args.monitor, patience=args.patience, seed=args.seed, precision=args.precision,
     )
-    checkpoints = args.output / "checkpoints"
-    counts = ", ".join(f"{name} {count}" for name, count in dataset.class_counts().items())
-    print(f"training on {len(labeled)} labeled cells ({counts}), input {dataset.input_size}x{dataset.input_size}, "
-          f"channels {list(dataset.channels)}")
-
-    extra = {}
-    if args.folds:
-        cv = cross_validate(dataset, labeled, args.folds, config, checkpoints, args.resume, args.cv_merge, args.class_mix)
-        extra["cross_validation"] = cv
-        for title, block in (("", cv), (" (merged)", cv.get("merged")), (" at the class mix", cv.get("class_mix"))):
-            if block:
-                print(f"{args.folds}-fold cross-validation{title}: accuracy {block['accuracy']['mean']:.4f} ± "
-                      f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
-                      f"{block['balanced_accuracy']['sd']:.4f}")
-
-    train_part, val_part = stratified_split(dataset.labels[labeled], args.val_fraction, args.seed)
-    train_index, val_index = labeled[train_part], labeled[val_part]
-    fitted = fit(dataset, train_index, val_index, config, checkpoints / "final.pt", args.resume, description="final model")
-    write_bundle(args.output, fitted, dataset, train_index, val_index, config, args.dead_quantile, extra)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    manifest = json.loads((args.output / "bundle.json").read_text())
-    val = manifest["metrics"]["validation"]
-    detector = manifest["dead_cell_detector"]
-    print(f"bundle written to {args.output}: validation accuracy {val.get('accuracy', float('nan')):.4f}, "
-          f"balanced accuracy {val.get('balanced_accuracy', float('nan')):.4f} (epoch {manifest['metrics']['best_epoch']}), "
-          f"temperature {manifest['temperature']:.3f}, dead threshold {detector['threshold']:.2f} ({detector['threshold_from']})")
+    train_bundle(args.dataset, args.output, config, merges=args.merge, val_fraction=args.val_fraction,
+                 folds=args.folds, cv_merges=args.cv_merge, class_mix=args.class_mix, dead_quantile=args.dead_quantile,
+                 threads=args.threads, resume=args.resume)
     return 0

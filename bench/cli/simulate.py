@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli_args import DEFAULT_POOL, DEFAULT_RATE, DEFAULT_SECONDS, DEFAULT_TRANSIT_MS, add_link_arguments
+from bench.cli.link_arguments import add_link_arguments, link_options
+from bench.defaults import DEFAULT_POOL, DEFAULT_RATE, DEFAULT_SECONDS, DEFAULT_TRANSIT_MS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.acquisition import load_cells
+    from bench.cell_sources import load_cells
     from bench.link import open_link
     from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
     from flowsort.errors import UserError
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.seconds <= 0 or args.cells_per_message < 1:
         raise UserError("--rate, --seconds and --cells-per-message must be positive")
     transit = args.transit_ms if args.transit_ms > 0 else None
-    with open_link(args, args.out) as link:
+    with open_link(link_options(args), args.out) as link:
         if link.model is None and link.gates:
             print("note: without --bundle (or --serve) the model's classes are unknown: no purity or yield")
         size = args.size or (link.model.input_size if link.model else 40)

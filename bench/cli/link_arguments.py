@@ -1,20 +1,21 @@
-"""Arguments the bench's commands share, and their defaults: kept free of heavy imports (``flowsort --help``)."""
+"""The streamer arguments `simulate` and `replay` share, and the :class:`~bench.link.LinkOptions` they make.
+
+Kept free of heavy imports (``flowsort --help``): bench.link is imported when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DEFAULT_GATE_THRESHOLD = 0.9  # GateConfig's default min_probability
-ENGINES = ("auto", "openvino", "torch", "tensorrt")
-# The simulated instrument's defaults (bench.simulator uses them too).
-DEFAULT_RATE = 1000.0
-DEFAULT_SECONDS = 20.0
-DEFAULT_TRANSIT_MS = 10.0
-DEFAULT_POOL = 4096
+from bench.defaults import DEFAULT_GATE_THRESHOLD, ENGINES
+
+if TYPE_CHECKING:
+    from bench.link import LinkOptions
 
 
-def add_link_arguments(parser: argparse.ArgumentParser, *, default_serve: bool = False) -> None:
+def add_link_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("streamer")
     group.add_argument("--serve", type=Path, default=None, metavar="BUNDLE",
                        help="start `flowsort serve BUNDLE` for this run (loopback, ephemeral ports) instead of "
@@ -33,3 +34,12 @@ def add_link_arguments(parser: argparse.ArgumentParser, *, default_serve: bool =
                        help=f"min_probability of the gates (default: the config's, else {DEFAULT_GATE_THRESHOLD})")
     group.add_argument("--record", type=Path, default=None, metavar="FILE",
                        help="with --serve: the streamer also records what it receives to this acquisition file")
+
+
+def link_options(args: argparse.Namespace) -> LinkOptions:
+    """The streamer that the arguments of :func:`add_link_arguments` name."""
+    from bench.link import LinkOptions
+
+    return LinkOptions(serve=args.serve, bundle=args.bundle, config=args.config, ingest=args.ingest,
+                       decisions=args.decisions, engine=args.engine, gate_threshold=args.gate_threshold,
+                       record=args.record)

@@ -1,4 +1,4 @@
-"""Running a bundle's model in torch for evaluation and embedding export (offline, not the hot path)."""
+"""Predictions of a bundle's model on a whole dataset in torch, for evaluation and embedding export (offline, not the hot path)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engines.bundle import WEIGHTS_FILE, Bundle
+from engines.bundle import Bundle
 from flowsort.errors import UserError
 from trainer.dataset import CellDataset
-from trainer.deployed_model import DeployedDeepFlow, build_deployed
+from engines.deployed_model import DeployedDeepFlow
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,6 @@ class Predictions:
     probabilities: np.ndarray  # [N, K] calibrated
     embedding: np.ndarray  # [N, D]
     dead_score: np.ndarray  # [N]
-
-
-def load_deployed(bundle: Bundle) -> DeployedDeepFlow:
-    """The exact module that was exported to the bundle's ONNX, rebuilt from its weights."""
-    saved = torch.load(bundle.file(WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    module = build_deployed(saved["architecture"])
-    module.load_state_dict(saved["state_dict"])
-    return module.eval()
 
 
 def check_compatible(bundle: Bundle, dataset: CellDataset) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.bundle import INPUT_NAME, OUTPUT_NAMES
+from engines.bundle import INPUT_NAME, OUTPUT_NAMES, WEIGHTS_FILE, Bundle
 from engines.deepflow import DeepFlow, create_deepflow
 
 
@@ -69,6 +69,14 @@ def build_deployed(architecture: dict) -> DeployedDeepFlow:
     module = DeployedDeepFlow(net)
     module.whitened_means = torch.zeros(architecture["dead_cell_classes"], net.embedding_dim)
     return module
+
+
+def load_deployed(bundle: Bundle) -> DeployedDeepFlow:
+    """The exact module that was exported to the bundle's ONNX, rebuilt from its weights."""
+    saved = torch.load(bundle.file(WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    module = build_deployed(saved["architecture"])
+    module.load_state_dict(saved["state_dict"])
+    return module.eval()
 
 
 def export_onnx(module: DeployedDeepFlow, path: Path) -> None:

@@ -35,7 +35,7 @@ from flowsort.errors import UserError
 from streamer.fcs import PARTIAL_SUFFIX, FcsWriter
 from streamer.policy import Columns, Policy
 from streamer.ratelog import RateLimitedLog
-from streamer.results import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
+from streamer.fcs_layout import DEFAULT_EMBEDDING, ResultLayout, closing_keywords
 from streamer.threadnames import RESULTS, name_os_thread
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 from engines.int8 import CALIBRATION_CELLS, MAX_ACCURACY_DROP, MIN_AGREEMENT
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quantize",
         help="add a guarded INT8 model to a bundle (OpenVINO now, TensorRT on its first start)",
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engines import int8
+    from engines.openvino_int8 import quantize_openvino
     from engines.bundle import load_bundle
     from engines.openvino_engine import is_x86
     from flowsort.errors import UserError
@@ -45,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
     if not is_x86():
         print("not an x86 CPU: no OpenVINO INT8 model made; TensorRT will calibrate on the stored cells")
         return 0
-    report = int8.quantize_openvino(bundle, cells, args.threads)
+    report = quantize_openvino(bundle, cells, args.threads)
     print(report.summary())
     return 0 if report.passed else 1

@@ -1,6 +1,8 @@
-"""Cells with known truth for the bench: ground truth in acquisition files, and the cell sources.
+"""Ground truth of acquisition files: truth records, and reading a whole file with its truth.
 
-Ground truth travels two ways, both invisible to the service:
+The record layout is :mod:`streamer.recording`'s; this module speaks what the
+truth records and the ``x_truth`` header key hold. Ground truth travels two
+ways, both invisible to the service:
 
 * in an acquisition file, as truth records (kind 3 of :mod:`streamer.recording`):
   a msgpack map with ``acquisition``, ``event_ids`` and the columns of
@@ -10,39 +12,28 @@ Ground truth travels two ways, both invisible to the service:
   simulator adds it with ``--truth-in-messages``; ``flowsort record`` turns it
   into truth records.
 
-A :class:`CellSet` is what the simulator, replay and ``bench e2e`` send: uint16
-images, their channel numbers and, when known, their truth. It comes from the
-synthetic cytometer (:func:`synthetic_cells`), a dataset folder
-(:func:`dataset_cells`) or the cells of an acquisition file
-(:func:`recording_cells`). :func:`write_dataset_acquisition` turns a dataset into
-an acquisition file (``flowsort import ... --to-acquisition``).
+:func:`read_recording` gives every message of a file, decoded where it is a
+valid cells message, with a :class:`TruthIndex` of the truth it carries.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 
-from flowsort.errors import UserError
 from streamer import protocol as p
-from streamer.codec import CellsEncoder, decode_ingest
+from streamer.codec import decode_ingest
 from streamer.protocol import Rejected
-from streamer.recording import KIND_TRUTH, AcquisitionReader, AcquisitionWriter
-
-if TYPE_CHECKING:
-    from trainer.dataset import CellDataset
+from streamer.recording import KIND_MESSAGE, KIND_TRUTH, AcquisitionReader, AcquisitionWriter
 
 TRUTH_KEY = "x_truth"
 TRUTH_KEY_BYTES = msgpack.packb(TRUTH_KEY)
-IMPORT_RATE = 1000.0  # cells/s: the Poisson timing given to imported cells (replay can re-time them)
-IMPORT_SEED = 0
 TRUTH_CHUNK = 4096  # cells per truth record
 
 log = logging.getLogger(__name__)
@@ -177,101 +168,6 @@ class TruthIndex:
         return Truth(names, label, dead, debris)
 
 
-# ---------------------------------------------------------------------------- cell sets
-
-@dataclass(frozen=True)
-class CellSet:
-    """Cells to send: uint16 images [N, C, H, W] with their instrument channel numbers and truth."""
-
-    images: np.ndarray
-    channels: tuple[int, ...]
-    truth: Truth | None
-    description: str
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def synthetic_cells(n: int, size: int, seed: int = 0, prior: str = "jurkat", dead_fraction: float | None = None,
-                    debris_fraction: float | None = None) -> CellSet:
-    """``n`` cells from the synthetic cytometer's pool: noise-free renders given fresh camera noise."""
-    from trainer.synthetic import CHANNELS, DEAD_FRACTION, DEBRIS_FRACTION, STAGES, CellPool
-
-    dead = DEAD_FRACTION if dead_fraction is None else dead_fraction
-    debris = DEBRIS_FRACTION if debris_fraction is None else debris_fraction
-    pool = CellPool(n, seed=seed, size=size, prior=prior, dead_fraction=dead, debris_fraction=debris)
-    cells = pool.sample(n, np.random.default_rng(seed + 1))
-    truth = Truth(STAGES, cells.stage.astype(np.int16), cells.dead.copy(), cells.debris.copy())
-    return CellSet(np.ascontiguousarray(cells.images), CHANNELS, truth,
-                   f"synthetic cytometer: {n} cells, {size}x{size}, prior {prior}, seed {seed}")
-
-
-def dataset_truth(dataset: CellDataset) -> Truth | None:
-    """A dataset's labels (and the simulator's dead/debris truth, when it has it)."""
-    if not dataset.is_labeled and not dataset.truth:
-        return None
-    dead = dataset.truth.get("dead")
-    debris = dataset.truth.get("debris")
-    return Truth(tuple(dataset.class_names), np.asarray(dataset.labels, np.int16),
-                 None if dead is None else np.asarray(dead, bool), None if debris is None else np.asarray(debris, bool))
-
-
-def dataset_cells(path: str | Path) -> CellSet:
-    from trainer.dataset import read_dataset
-
-    dataset = read_dataset(path, mmap=False)
-    return CellSet(np.ascontiguousarray(dataset.images), tuple(dataset.channels), dataset_truth(dataset),
-                   f"dataset {path}: {len(dataset)} cells")
-
-
-def recording_cells(path: str | Path) -> CellSet:
-    """Every cell of an acquisition file's valid cells messages, with its truth where the file has it."""
-    parts: list[np.ndarray] = []
-    acquisitions: list[str] = []
-    ids: list[np.ndarray] = []
-    channels: tuple[int, ...] | None = None
-    shape: tuple[int, ...] | None = None
-    recording = read_recording(path)
-    for message in recording.messages:
-        cells = message.decoded
-        if cells is None:
-            continue
-        pixels = cells.pixels
-        if cells.dtype != "uint16":
-            pixels = np.clip(np.rint(pixels), 0, 65535) if cells.dtype == "float32" else pixels
-            pixels = pixels.astype(np.uint16)
-        if channels is None:
-            channels, shape = cells.channels, pixels.shape[1:]
-        elif cells.channels != channels or pixels.shape[1:] != shape:
-            raise UserError(f"{path}: cells with different channels or sizes ({list(cells.channels)} "
-                            f"{list(pixels.shape[1:])} after {list(channels)} {list(shape)}): use replay for it")
-        parts.append(np.asarray(pixels))
-        acquisitions += [cells.acquisition] * cells.count
-        ids.append(cells.event_ids)
-    if not parts:
-        raise UserError(f"{path} holds no valid cells messages")
-    event_ids = np.concatenate(ids)
-    truth = recording.truth.lookup(acquisitions, event_ids) if recording.truth else None
-    if truth is not None and not (truth.label >= 0).any() and truth.dead is None:
-        truth = None
-    images = np.ascontiguousarray(np.concatenate(parts), np.uint16)
-    return CellSet(images, channels, truth, f"acquisition {path}: {len(images)} cells")
-
-
-def load_cells(source: str, size: int, seed: int = 0, pool: int = 4096, prior: str = "jurkat") -> CellSet:
-    """``synthetic``, an acquisition file or a dataset folder."""
-    if source == "synthetic":
-        return synthetic_cells(pool, size, seed=seed, prior=prior)
-    path = Path(source)
-    if path.is_dir():
-        return dataset_cells(path)
-    if path.is_file():
-        return recording_cells(path)
-    raise UserError(f"--cells {source!r}: expected 'synthetic', an acquisition file or a dataset folder")
-
-
-# ---------------------------------------------------------------------------- acquisition files
-
 @dataclass
 class RecordedMessage:
     time_ns: int
@@ -304,7 +200,7 @@ def read_recording(path: str | Path) -> Recording:
             except Exception as exc:  # a foreign or damaged truth record: the cells are still usable
                 log.warning("%s: skipping an unreadable truth record at byte %d (%s)", path, record.offset, exc)
             continue
-        if record.kind != 2:
+        if record.kind != KIND_MESSAGE:
             continue
         decoded = header = None
         try:
@@ -319,55 +215,3 @@ def read_recording(path: str | Path) -> Recording:
                 truth.add(message.acquisition, message.event_ids, carried)
         messages.append(RecordedMessage(record.time_ns, record.frames, decoded, header))
     return Recording(Path(path), messages, truth, reader.scan.tail)
-
-
-def write_dataset_acquisition(dataset: CellDataset, path: str | Path, acquisition: str | None = None,
-                              rate: float = IMPORT_RATE, seed: int = IMPORT_SEED, cells_per_message: int = 1) -> dict[str, Any]:
-    """Write ``dataset`` as an acquisition file: its cells in a shuffled order, one message each (or blocks),
-    timed as Poisson arrivals at ``rate`` cells/s, with the labels as truth records.
-
-    Event ids are the dataset's object ids. Returns a summary.
-    """
-    path = Path(path)
-    if path.exists() and path.stat().st_size > 0:
-        raise UserError(f"{path} exists: choose a new file for --to-acquisition (acquisition files are append-only)")
-    n = len(dataset)
-    if n == 0:
-        raise UserError("the dataset holds no cells")
-    acquisition = acquisition or path.stem
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    images = np.asarray(dataset.images)
-    event_ids = np.asarray(dataset.object_ids, np.int64).astype(np.uint64)
-    if len(np.unique(event_ids)) != n:
-        event_ids = np.arange(1, n + 1, dtype=np.uint64)  # object ids repeat across class folders: renumber
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
-    start_ns = time.time_ns()
-    capture = start_ns + (arrivals * 1e9).astype(np.int64)
-    encoder = CellsEncoder(acquisition, dataset.channels, dataset.input_size)
-    truth = dataset_truth(dataset)
-    with AcquisitionWriter(path, {"source": dataset.source.get("kind", "dataset"), "acquisition": acquisition,
-                                  "cells": n, "timing": f"poisson {rate:g} cells/s (imported)"}) as writer:
-        for start in range(0, n, cells_per_message):
-            index = order[start:start + cells_per_message]
-            stamps = capture[start:start + len(index)]
-            frames = encoder.encode(event_ids[index], np.ascontiguousarray(images[index]), capture_ns=stamps)
-            writer.write([frames[0], np.ascontiguousarray(frames[1]).tobytes()], time_ns=int(stamps[-1]))
-        if truth is not None:
-            write_truth(writer, acquisition, event_ids[order], truth.take(order))
-    return {"path": str(path), "acquisition": acquisition, "cells": n, "messages": -(-n // cells_per_message),
-            "labeled": truth is not None, "duration_s": float(arrivals[-1]) if n else 0.0}
-
-
-def print_acquisition_summary(summary: dict[str, Any]) -> None:
-    labels = "with labels" if summary["labeled"] else "no labels"
-    print(f"wrote acquisition file {summary['path']}: {summary['cells']:,} cells in {summary['messages']:,} messages "
-          f"({labels}), acquisition {summary['acquisition']!r}, {summary['duration_s']:.1f} s at "
-          f"{IMPORT_RATE:g} cells/s Poisson (replay can re-time it)")
-
-
-def iter_truth_records(path: str | Path) -> Iterable[dict[str, Any]]:
-    """The maps of an acquisition file's truth records."""
-    for record in AcquisitionReader(path):
-        if record.kind == KIND_TRUTH:
-            yield record.header

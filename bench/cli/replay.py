@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli_args import add_link_arguments
+from bench.cli.link_arguments import add_link_arguments, link_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         import json
         import time
 
-        from bench.results import describe_machine
+        from bench.run_summary import describe_machine
         from bench.simulator import _json_default
 
         args.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         }, indent=2, default=_json_default) + "\n")
         print(f"written {path}")
         return 0
-    with open_link(args, args.out) as link:
+    with open_link(link_options(args), args.out) as link:
         if link.model is None and link.gates:
             print("note: without --bundle (or --serve) the model's classes are unknown: no purity or yield")
         title = f"flowsort replay {args.file.name}"

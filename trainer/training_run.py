@@ -1,0 +1,87 @@
+"""A whole training run, as `flowsort train` does it: a dataset in, a calibrated model bundle out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowsort.errors import UserError
+from trainer.class_mix import ClassMix
+from trainer.crossval import cross_validate
+from trainer.dataset import read_dataset
+from trainer.merges import apply_merges
+from trainer.package import write_bundle
+from trainer.train import TrainConfig, fit, stratified_split
+
+VAL_FRACTION = 0.2
+DEAD_QUANTILE = 0.99
+
+
+def train_bundle(
+    dataset_path: Path,
+    output: Path,
+    config: TrainConfig,
+    merges: Sequence[str] = (),
+    val_fraction: float = VAL_FRACTION,
+    folds: int = 0,
+    cv_merges: Sequence[str] = (),
+    class_mix: Mapping[str, float] | None = None,
+    dead_quantile: float = DEAD_QUANTILE,
+    threads: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train on the labeled cells of ``dataset_path`` (after ``merges``), optionally cross-validate first, and
+    write the bundle to ``output``; prints progress and returns the bundle's manifest."""
+    if threads:
+        torch.set_num_threads(threads)
+    if not 0 < val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1")
+    if folds == 1 or folds < 0:
+        raise UserError("--folds must be 0 (no cross-validation) or at least 2")
+    if cv_merges and not folds:
+        raise UserError("--cv-merge reports cross-validation: give --folds K as well")
+    if class_mix and not folds:
+        raise UserError("--class-mix reports cross-validation: give --folds K as well "
+                        "(or score a bundle with `flowsort evaluate --class-mix`)")
+    if not 0 < dead_quantile < 1:
+        raise UserError("--dead-quantile must be between 0 and 1")
+    dataset = apply_merges(read_dataset(dataset_path), merges)
+    if not dataset.is_labeled:
+        raise UserError(f"{dataset_path} has no labeled cells: training needs class folders")
+    labeled = np.flatnonzero(dataset.labels >= 0)
+    if class_mix:  # refuse a mix that names the wrong classes now, not after the folds have trained
+        ClassMix.of(dataset.class_names, class_mix,
+                    np.bincount(dataset.labels[labeled], minlength=len(dataset.class_names)) / len(labeled))
+    checkpoints = output / "checkpoints"
+    counts = ", ".join(f"{name} {count}" for name, count in dataset.class_counts().items())
+    print(f"training on {len(labeled)} labeled cells ({counts}), input {dataset.input_size}x{dataset.input_size}, "
+          f"channels {list(dataset.channels)}")
+
+    extra = {}
+    if folds:
+        cv = cross_validate(dataset, labeled, folds, config, checkpoints, resume, cv_merges, class_mix)
+        extra["cross_validation"] = cv
+        for title, block in (("", cv), (" (merged)", cv.get("merged")), (" at the class mix", cv.get("class_mix"))):
+            if block:
+                print(f"{folds}-fold cross-validation{title}: accuracy {block['accuracy']['mean']:.4f} ± "
+                      f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
+                      f"{block['balanced_accuracy']['sd']:.4f}")
+
+    train_part, val_part = stratified_split(dataset.labels[labeled], val_fraction, config.seed)
+    train_index, val_index = labeled[train_part], labeled[val_part]
+    fitted = fit(dataset, train_index, val_index, config, checkpoints / "final.pt", resume, description="final model")
+    write_bundle(output, fitted, dataset, train_index, val_index, config, dead_quantile, extra)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    manifest = json.loads((output / "bundle.json").read_text())
+    val = manifest["metrics"]["validation"]
+    detector = manifest["dead_cell_detector"]
+    print(f"bundle written to {output}: validation accuracy {val.get('accuracy', float('nan')):.4f}, "
+          f"balanced accuracy {val.get('balanced_accuracy', float('nan')):.4f} (epoch {manifest['metrics']['best_epoch']}), "
+          f"temperature {manifest['temperature']:.3f}, dead threshold {detector['threshold']:.2f} ({detector['threshold_from']})")
+    return manifest
