@@ -136,7 +136,7 @@ def measure_overhead(bundle: Path, sizes: list[int], messages: int = DEFAULT_MES
 
     import zmq
 
-    from bench.acquisition import synthetic_cells
+    from bench.cell_sources import synthetic_cells
     from bench.link import ModelInfo
     from bench.traffic import handshake
     from engines.cpu import describe, usable_cores

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from streamer.config import BatchingConfig
+
 NEVER = (1 << 63) - 1  # a deadline that never comes
 EWMA = 0.1  # weight of a new engine time measurement
 RESOLVE_EVERY = 64  # measurements between two re-plans
@@ -222,6 +224,19 @@ class Batcher:
         self.lead_ns = LEAD_NS
         self.engine_free_ns = 0  # when the engine can start another batch (set by the inference thread)
         self._head_deadline: int | None = None  # min deadline over the next batch's cells (cache)
+
+    @classmethod
+    def from_config(cls, planner: Planner, batching: BatchingConfig) -> Batcher:
+        """A batcher for ``[batching]`` (a :class:`~streamer.config.BatchingConfig`)."""
+        return cls(planner, int(batching.max_delay_us * 1000), batching.queue_cells, batching.overload,
+                   batching.adaptive_delay)
+
+    def configure(self, batching: BatchingConfig) -> None:
+        """Take a reload's delay, bound and overload policy (``[batching]``, validated with the config)."""
+        self.max_delay_ns = int(batching.max_delay_us * 1000)
+        self.capacity = batching.queue_cells
+        self.overload = batching.overload
+        self.adaptive_delay = batching.adaptive_delay
 
     # ------------------------------------------------------------------ arrivals
 

@@ -29,6 +29,7 @@ import zmq
 
 from streamer import codec
 from streamer import protocol as p
+from streamer.config import DeadlineConfig
 from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
@@ -123,6 +124,10 @@ class Emitter(threading.Thread):
             self._queue.append(item)
             self.idle.clear()
             self._cond.notify()
+
+    def reconfigure(self, deadline: DeadlineConfig) -> None:
+        """A reload's ``[deadline] margin_us`` (read per block by this thread: one assignment)."""
+        self.margin_ns = int(deadline.margin_us * 1000)
 
     def stop(self) -> None:
         """Send what is queued, then close the sockets (with linger) and end the thread."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from engines.preprocessing import fit_to_size
 from streamer.batcher import Admission, Batch, Batcher, Marker, Piece, Segment
+from streamer.config import BatchingConfig
 from streamer.emitter import DecisionBlock, Emitter
 from streamer.ingest import error_block
 from streamer.metrics import Metrics
@@ -119,6 +120,12 @@ class Dispatcher(threading.Thread):
             self._pending_swap = model
             self.cond.notify()
         return self._swapped.wait(timeout)
+
+    def reconfigure(self, batching: BatchingConfig, max_failures: int) -> None:
+        """A reload's ``[batching]`` and failure bound, taken between two batches."""
+        with self.cond:
+            self.batcher.configure(batching)
+            self.max_failures = max_failures
 
     def drain(self) -> None:
         """Run everything queued without waiting for company, then end the thread."""

@@ -26,6 +26,7 @@ from engines.preprocessing import fit_to_size
 from streamer import protocol as p
 from streamer.batcher import NEVER, Admission, Marker, Piece, Segment
 from streamer.codec import Limits, decode_ingest
+from streamer.config import DeadlineConfig
 from streamer.emitter import DecisionBlock, Emitter, EndReport, Pong
 from streamer.metrics import Metrics
 from streamer.protocol import Reason, Rejected
@@ -111,9 +112,8 @@ class InputAdapter:
 class Ingest(threading.Thread):
     def __init__(self, socket: zmq.Socket, monitor: zmq.Socket | None, *, limits: Limits, adapter: InputAdapter,
                  queue: Callable[[list[Segment]], list[Admission]], queue_marker: Callable[[Marker], None],
-                 emitter: Emitter, metrics: Metrics, budget_ns: int, bundle_hash: Callable[[], str],
-                 status: Callable[[], dict[str, Any]], reject_interval: float, budget_from_capture: bool = True,
-                 drain_s: float = 0.5,
+                 emitter: Emitter, metrics: Metrics, deadline: DeadlineConfig, bundle_hash: Callable[[], str],
+                 status: Callable[[], dict[str, Any]], reject_interval: float, drain_s: float = 0.5,
                  recorder: AcquisitionWriter | None = None) -> None:
         super().__init__(name="flowsort-ingest", daemon=True)
         self.socket = socket
@@ -124,8 +124,7 @@ class Ingest(threading.Thread):
         self.queue_marker = queue_marker
         self.emitter = emitter
         self.metrics = metrics
-        self.budget_ns = budget_ns
-        self.budget_from_capture = budget_from_capture
+        self.reconfigure(deadline)
         self.bundle_hash = bundle_hash
         self.status = status
         self.drain_s = drain_s
@@ -138,6 +137,11 @@ class Ingest(threading.Thread):
         self._waited = metrics.ingest_wait
         self._pending: list[Arrival] = []  # read, not yet admitted
         self._pending_since = 0
+
+    def reconfigure(self, deadline: DeadlineConfig) -> None:
+        """``[deadline]``'s budget and where it counts from (at start, and on a reload)."""
+        self.budget_ns = int(deadline.budget_us * 1000)
+        self.budget_from_capture = deadline.budget_from == "capture"
 
     def stop(self) -> None:
         self.stop_event.set()
