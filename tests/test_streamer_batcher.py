@@ -79,12 +79,12 @@ def test_no_waiting_where_batching_does_not_pay() -> None:
 
 
 def test_an_idle_parallel_engine_does_not_wait_for_company() -> None:
-    b = Batcher(Planner(SIZES, linear_costs(), parallel=2), 5 * MS, 64)
+    b = Batcher(Planner(SIZES, linear_costs(), parallel=2), 1 * MS, 64)
     b.add(segment(0, 1, arrival=0))
     assert b.due(10) <= 10  # a stream is free: run now
     assert b.due(10, backlog_ns=2 * MS) == 2 * MS + 10 - b.lead_ns  # both busy: grow until one frees up
     b.adaptive_delay = False
-    assert b.due(10) == 5 * MS
+    assert b.due(10) == 1 * MS
 
 
 def test_planner_updates_from_observations() -> None:
