@@ -97,6 +97,12 @@ class Engine(ABC):
         self._start(slot, cells, n)
         self._pending.append((slot, n))
 
+    def done(self) -> bool:
+        """Whether the oldest submitted batch has finished, without waiting: a caller with several batches in
+        flight can start another on an idle stream meanwhile. Engines that cannot tell say True: collect()
+        then simply waits for it."""
+        return True
+
     def collect(self) -> Outputs:
         """Wait for the oldest submitted batch; views of its outputs."""
         if not self._pending:

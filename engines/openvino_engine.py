@@ -189,6 +189,10 @@ class OpenVINOEngine(Engine):
         request.start_async()
         self._running[slot] = request
 
+    def done(self) -> bool:
+        # A zero-timeout wait: no completion callback, which would need the GIL on OpenVINO's stream thread.
+        return not self._pending or self._running[self._pending[0][0]].wait_for(0)
+
     def _finish(self, slot: int, n: int) -> Outputs:
         self._running[slot].wait()
         return self._buffers[slot].first(n)
