@@ -35,8 +35,8 @@ import numpy as np
 
 from engines import int8
 from engines.base import DEFAULT_MAX_BATCH, DEPTH, Engine, OutputBuffers, Outputs
-from engines.cache import cpu_identity, engine_cache
 from engines.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle
+from engines.cache import cpu_identity, engine_cache
 from flowsort.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
