@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,10 @@ def test_folders_are_keyed_and_a_foreign_or_unusable_one_is_ignored(
     assert all("compiling without a cache" in record.getMessage() for record in caplog.records)
 
 
-def test_an_openvino_engine_serves_without_its_cache(tiny_bundle: Path, tmp_path: Path) -> None:
-    images = np.load(tiny_bundle / "validation.npz")["images"][:8]
+def test_an_openvino_engine_serves_without_its_cache(quick_bundle: Path, tmp_path: Path) -> None:
+    images = np.load(quick_bundle / "validation.npz")["images"][:8]
     (tmp_path / "not-a-folder").write_text("")
-    with engines.load(tiny_bundle, "openvino", "fp32", max_batch=8, cache_dir=tmp_path / "not-a-folder") as engine:
+    with engines.load(quick_bundle, "openvino", "fp32", max_batch=8, cache_dir=tmp_path / "not-a-folder") as engine:
         assert engine.infer(images).probabilities.shape == (8, len(engine.bundle.class_names))
 
 
@@ -102,43 +103,66 @@ def read_only_prefix(folder: Path) -> list[str]:
     return prefix
 
 
-def test_serves_a_read_only_bundle_holding_a_cache_it_cannot_use(quick_bundle: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def read_only_bundle(quick_bundle: Path, tmp_path: Path) -> Iterator[tuple[Path, Path, list[str]]]:
+    """A read-only copy of the quick bundle holding a stale cache; a prefix for commands that must see it so."""
     bundle = Path(shutil.copytree(quick_bundle, tmp_path / "bundle"))
     stale = stale_cache_in(bundle, os.geteuid() == 0)
     for path in [bundle, *bundle.rglob("*")]:
         path.chmod(path.stat().st_mode & ~0o222)
-    prefix = read_only_prefix(bundle)
-    images = np.load(bundle / "validation.npz")["images"]
     try:
-        # The cache the operator pointed at is the stale one inside the read-only bundle.
-        config = write_toml(tmp_path / "s.toml", config_dict(
-            engine={"engine": "openvino", "precision": "fp32", "warmup_runs": 1, "cache_dir": str(stale)},
-            batching={"batch_sizes": BATCH_SIZES}, deadline={"budget_us": 0.0}, pub={"endpoint": ""}))
-        with Served(bundle, config, tmp_path, prefix=prefix, timeout=120) as served:
-            receiver, sender = Receiver(served["push"]), Sender(served["ingest"])
-            try:
-                ids = list(range(40))
-                deadline = time.monotonic() + 30
-                while not receiver.wait_for([0], 0.2):  # the first cells may go before the connection is up
-                    assert time.monotonic() < deadline, served.log()
-                    sender.cells("acq-ro", [0], images[0], CHANNELS)
-                for i in ids[1:]:
-                    sender.cells("acq-ro", [i], images[i % len(images)], CHANNELS)
-                assert receiver.wait_for(ids, 20), served.log()
-                errors = {i: receiver.rows[i]["error"] for i in ids if receiver.rows[i]["error"]}
-                assert not errors, errors
-            finally:
-                sender.close(linger=0)
-                receiver.close()
-            served.signal(signal.SIGTERM)
-            assert served.process.wait(30) == 0, served.log()
-            log = served.log()
-        assert log.count("compiling without a cache") == 1, log
-        # quantize, the one command that writes into a bundle, refuses a read-only one before any work.
-        quantize = subprocess.run(
-            [*prefix, sys.executable, "-m", "flowsort", "quantize", str(bundle), str(quick_bundle.parent / "dataset")],
-            capture_output=True, text=True, timeout=120)
-        assert quantize.returncode != 0 and "not writable" in quantize.stderr, quantize.stderr
+        yield bundle, stale, read_only_prefix(bundle)
     finally:
         for path in [bundle, *bundle.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_serves_a_read_only_bundle_holding_a_cache_it_cannot_use(
+    read_only_bundle: tuple[Path, Path, list[str]], quick_bundle: Path, tmp_path: Path
+) -> None:
+    bundle, stale, prefix = read_only_bundle
+    images = np.load(bundle / "validation.npz")["images"]
+    # The cache the operator pointed at is the stale one inside the read-only bundle.
+    config = write_toml(tmp_path / "s.toml", config_dict(
+        engine={"engine": "openvino", "precision": "fp32", "warmup_runs": 1, "cache_dir": str(stale)},
+        batching={"batch_sizes": BATCH_SIZES}, deadline={"budget_us": 0.0}, pub={"endpoint": ""}))
+    with Served(bundle, config, tmp_path, prefix=prefix, timeout=120) as served:
+        receiver, sender = Receiver(served["push"]), Sender(served["ingest"])
+        try:
+            ids = list(range(40))
+            deadline = time.monotonic() + 30
+            while not receiver.wait_for([0], 0.2):  # the first cells may go before the connection is up
+                assert time.monotonic() < deadline, served.log()
+                sender.cells("acq-ro", [0], images[0], CHANNELS)
+            for i in ids[1:]:
+                sender.cells("acq-ro", [i], images[i % len(images)], CHANNELS)
+            assert receiver.wait_for(ids, 20), served.log()
+            errors = {i: receiver.rows[i]["error"] for i in ids if receiver.rows[i]["error"]}
+            assert not errors, errors
+        finally:
+            sender.close(linger=0)
+            receiver.close()
+        served.signal(signal.SIGTERM)
+        assert served.process.wait(30) == 0, served.log()
+        log = served.log()
+    assert log.count("compiling without a cache") == 1, log
+    # quantize, the one command that writes into a bundle, refuses a read-only one before any work.
+    quantize = subprocess.run(
+        [*prefix, sys.executable, "-m", "flowsort", "quantize", str(bundle), str(quick_bundle.parent / "dataset")],
+        capture_output=True, text=True, timeout=120)
+    assert quantize.returncode != 0 and "not writable" in quantize.stderr, quantize.stderr
+
+
+def test_openvino_failing_on_a_cache_compiles_without_it(read_only_bundle: tuple[Path, Path, list[str]]) -> None:
+    """Handed the stale cache unchecked, as flowsort 0.1 did, OpenVINO fails; the engine compiles anew."""
+    bundle, stale, prefix = read_only_bundle
+    folder = next(path.parent for path in stale.rglob("*.blob"))
+    script = (
+        "import logging, sys; from pathlib import Path; import engines, engines.openvino_engine as ov; "
+        "logging.basicConfig(); ov.engine_cache = lambda *args: Path(sys.argv[2]); "
+        f"engines.load(sys.argv[1], 'openvino', 'fp32', max_batch={max(BATCH_SIZES)}).close(); print('loaded')"
+    )
+    run = subprocess.run([*prefix, sys.executable, "-c", script, str(bundle), str(folder)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr
+    assert "OpenVINO failed on the engine cache" in run.stderr and "compiling without a cache" in run.stderr

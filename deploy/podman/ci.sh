@@ -11,9 +11,10 @@
 #   image. The stand-in carries a label keyed by the text of base() below: it is made again only
 #   when that changes. A real python:3.11-slim-bookworm already present (no label) is used as is.
 # * Settings (containers.conf): runc, since crun refuses this kernel's cgroup setup; host networking;
-#   ulimits within this shell's hard limits (podman's defaults exceed them).
+#   ulimits within this shell's hard limits (podman's defaults exceed them), processes at most 32768.
 # * Build: --pull=never, --isolation=chroot, the host's CA bundle lent to RUN steps so pip reaches
-#   the package index, layers cached between builds, and all of it at nice 19.
+#   the package index, Docker's image format (OCI drops HEALTHCHECK), layers cached between builds,
+#   and all of it at nice 19.
 #
 # Environment: FLOWSORT_PODMAN_STATE (default /var/tmp/flowsort-podman: containers.conf, lock),
 # DEBIAN_MIRROR (default: the mirror apt uses here, else deb.debian.org).
@@ -39,7 +40,7 @@ configure() {
     nofile=$(hard_limit -n 1048576)
     # RUN steps under chroot isolation start at 32768 processes and may not raise it.
     nproc=$(hard_limit -u 32768)
-    cat > "$STATE/containers.conf" <<CONF
+    cat > "$STATE/containers.conf.$$" <<CONF
 [containers]
 netns = "host"
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
@@ -47,6 +48,7 @@ default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 [engine]
 runtime = "runc"
 CONF
+    mv "$STATE/containers.conf.$$" "$STATE/containers.conf"  # atomic: another run may be reading it
     export CONTAINERS_CONF="$STATE/containers.conf"
 }
 
