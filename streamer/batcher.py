@@ -46,6 +46,7 @@ from streamer.config import BatchingConfig
 
 NEVER = (1 << 63) - 1  # a deadline that never comes
 EWMA = 0.1  # weight of a new engine time measurement
+COST_RANGE = (0.5, 3.0)  # learned engine times stay within these multiples of the ones measured at start
 RESOLVE_EVERY = 64  # measurements between two re-plans
 BATCHING_GAIN = 0.9  # a bigger batch must cost at most this share per cell to be worth waiting for
 LEAD_NS = 100_000  # a batch for a busy engine is formed this long before the engine should be free
@@ -68,6 +69,9 @@ class Planner:
         self.max_size = self.sizes[-1]
         # Without measurements: a fixed overhead and a per-cell cost, so bigger batches pay off.
         self.costs = {s: float((costs_ns or {}).get(s, 200_000 + 50_000 * s)) for s in self.sizes}
+        # What was measured at start bounds what is learned later: a burst of slow batches (a busy machine, a
+        # late collect) must not teach a cost so high that admission refuses every cell and never learns again.
+        self.measured = dict(self.costs)
         self._updates = 0
         self._pad = [0] * (self.max_size + 1)
         for q in range(self.max_size, 0, -1):
@@ -127,6 +131,8 @@ class Planner:
         """Fold in a measured time of one batch of ``size`` (an allowed size)."""
         if size not in self.costs:
             return
+        measured = self.measured[size]
+        elapsed_ns = min(max(elapsed_ns, COST_RANGE[0] * measured), COST_RANGE[1] * measured)
         self.costs[size] += EWMA * (elapsed_ns - self.costs[size])
         self._updates += 1
         if self._updates % RESOLVE_EVERY == 0:
