@@ -248,3 +248,14 @@ def test_parallel_engine_drains_the_queue_faster_but_each_batch_takes_its_time()
     b = Batcher(parallel, 0, 100)
     # One cell on an idle two-stream engine: decided after one batch of 1 (with the margin), not half of one.
     assert b.finish_estimates(1, 0)[0] == pytest.approx(ADMISSION_SAFETY * 400 * US + LEAD_NS)
+
+
+def test_learned_costs_stay_near_the_measured_ones() -> None:
+    """A run of very slow batches (a busy machine) must not teach a cost that refuses every cell for good."""
+    planner = Planner(SIZES, {1: 100, 2: 150, 4: 200, 8: 300})
+    for _ in range(1000):
+        planner.observe(1, 10**9)
+    assert planner.cost(1) == pytest.approx(300)  # 3x what was measured, not a second
+    for _ in range(1000):
+        planner.observe(1, 1)
+    assert planner.cost(1) == pytest.approx(50)
