@@ -92,10 +92,11 @@ def run_demo(settings: DemoSettings) -> None:
 def measure_engine(bundle: Path, engine: str, rate: float) -> dict[str, object]:
     """The engine alone first: what this machine can decide per second with this model, said before the live run."""
     from bench.e2e import engine_ceiling
-    from engines.cpu import cpu_flags, cpu_model, usable_cores
+    from engines.cpu import cpu_flags, cpu_model, isa_limit, usable_cores
 
+    capped = f"; kernels capped at {isa_limit()} by ONEDNN_MAX_CPU_ISA" if isa_limit() else ""
     print(f"\n==> Measuring the engine alone ({engine}, this model) on {cpu_model()}, {usable_cores()} cores "
-          f"({', '.join(cpu_flags()) or 'flags unknown'})", flush=True)
+          f"({', '.join(cpu_flags()) or 'flags unknown'}{capped})", flush=True)
     ceiling = engine_ceiling(bundle, engine, "auto", 64, CEILING_SECONDS)
     best = ceiling["throughput_cells_per_s"]
     print(f"    {ceiling['engine']} {ceiling['precision']}, {ceiling['threading']}: at most {best:,.0f} cells/s "
@@ -119,8 +120,11 @@ def print_verdict(summary: dict[str, object], ceiling: dict[str, object], deadli
     print(f"\nResult: {'deadline kept' if kept else 'deadline NOT kept'}: {100 * late / max(sent, 1):.2f}% late "
           f"(at most 1%), p99 {p99 or 0:.2f} ms (at most {deadline_ms:g} ms), {refused:,} cells refused at the door.")
     if not kept or refused:
-        print(f"  The engine decides at most {ceiling['throughput_cells_per_s']:,.0f} cells/s here; "
-              "if the machine was busy with other work, its engine and the simulated instrument shared the cores.")
+        cores = summary.get("streamer_cpu_core_fraction") or 0.0
+        print(f"  Why: the engine alone decides up to {ceiling['throughput_cells_per_s']:,.0f} cells/s here, but in the "
+              f"live run it shares the cores with the service's own threads and the simulated instrument (the "
+              f"streamer took {cores:.2f} cores), which stretches every batch; any other work on the machine "
+              "stretches them further. docs/benchmarks.md has the breakdown.")
 
 
 def simulate_training_cells(path: Path, cells: int) -> None:
