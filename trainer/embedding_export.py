@@ -1,8 +1,8 @@
-"""`flowsort embed BUNDLE DATASET -o FILE`: per-cell embeddings, probabilities and dead scores for analysis elsewhere."""
+"""Per-cell embeddings, probabilities and dead scores of a dataset, for analysis elsewhere (`flowsort embed`)."""
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,39 +16,17 @@ if TYPE_CHECKING:
 FORMATS = (".npz", ".csv", ".parquet")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "embed",
-        help="export per-cell embeddings, class probabilities and dead scores (.npz, .csv, .parquet)",
-        description=(
-            "Run a bundle's model on every cell of a dataset and write, per cell, the object id, label, "
-            "predicted class, calibrated probability per class, dead-cell score and flag and the embedding. "
-            "The format follows FILE's suffix: .npz (arrays), .csv (one row per cell) or .parquet (needs pyarrow)."
-        ),
-    )
-    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle directory from `flowsort train`")
-    parser.add_argument("dataset", type=Path, metavar="DATASET", help="dataset folder from `flowsort import`")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="FILE", help="output file: .npz, .csv or .parquet")
-    add_label_map_argument(parser)
-    parser.set_defaults(run=run)
-
-
-def add_label_map_argument(parser: argparse.ArgumentParser) -> None:
-    """--map-labels, shared with `flowsort evaluate`."""
-    parser.add_argument("--map-labels", action="append", default=[], metavar="A,B=CLASS",
-                        help="label the dataset's classes A and B as the model's CLASS, for models that record no "
-                             "merge of them, e.g. S=S_phase (repeatable)")
-
-
-def run(args: argparse.Namespace) -> int:
+def export_embeddings(bundle_path: Path, dataset_path: Path, out: Path, label_maps: Sequence[str] = ()) -> int:
+    """Run the bundle's model on every cell of the dataset and write ``out`` in the format its suffix names;
+    labels the model cannot use are written as unlabeled. Returns the number of cells written."""
     from trainer.evaluation import flagged_dead, load_inputs, model_labels, run_model, unknown_classes
 
-    suffix = args.out.suffix.lower()
+    suffix = out.suffix.lower()
     if suffix not in FORMATS:
-        raise UserError(f"cannot tell the format of {args.out.name!r}: end -o with .npz, .csv or .parquet")
+        raise UserError(f"cannot tell the format of {out.name!r}: end -o with .npz, .csv or .parquet")
     if suffix == ".parquet":
         _require_pyarrow()
-    bundle, dataset = load_inputs(args.bundle, args.dataset, args.map_labels)
+    bundle, dataset = load_inputs(bundle_path, dataset_path, label_maps)
     labels = model_labels(bundle, dataset, strict=False)
     ignored = unknown_classes(dataset, set(bundle.class_names))
     if ignored:
@@ -56,15 +34,15 @@ def run(args: argparse.Namespace) -> int:
               "--map-labels names the model class they stand for")
     predictions = run_model(bundle, dataset)
     flagged = flagged_dead(predictions.dead_score, bundle)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npz":
-        write_npz(args.out, bundle.class_names, dataset.object_ids, labels, predictions, flagged)
+        write_npz(out, bundle.class_names, dataset.object_ids, labels, predictions, flagged)
     else:
         columns = table_columns(bundle.class_names, dataset.object_ids, labels, predictions, flagged)
-        (write_csv if suffix == ".csv" else write_parquet)(args.out, columns)
-    print(f"wrote {args.out}: {len(dataset):,} cells, {predictions.embedding.shape[1]}-d embedding, "
+        (write_csv if suffix == ".csv" else write_parquet)(out, columns)
+    print(f"wrote {out}: {len(dataset):,} cells, {predictions.embedding.shape[1]}-d embedding, "
           f"{len(bundle.class_names)} class probabilities, {int(flagged.sum()):,} cells flagged dead")
-    return 0
+    return len(dataset)
 
 
 def write_npz(
