@@ -6,6 +6,7 @@ STAMP := $(VENV)/.flowsort-installed
 # Pinned: an unpinned torch resolves to the multi-GB CUDA build.
 TORCH := torch==2.13.0
 DEMO_DIR ?= demo-output
+DEMO_ARGS ?=
 
 .PHONY: setup test demo clean
 
@@ -22,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/flowsort demo --out $(DEMO_DIR)
+	$(BIN)/flowsort demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

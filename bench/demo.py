@@ -29,6 +29,8 @@ TRAIN_CELLS = 3000
 EPOCHS = 5
 WIDTH = 0.25
 INTERPHASE_MERGE = "G1,S_phase,G2=Interphase"
+CEILING_SECONDS = 3.0
+SUSTAINABLE_SHARE = 0.8  # of the engine's ceiling: above it Poisson arrivals wait too long for a 10 ms deadline
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,40 @@ def run_demo(settings: DemoSettings) -> None:
     print(f"\nDone in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).")
 
 
+def measure_engine(bundle: Path, engine: str, rate: float) -> dict[str, object]:
+    """The engine alone first: what this machine can decide per second with this model, said before the live run."""
+    from bench.e2e import engine_ceiling
+    from engines.cpu import cpu_flags, cpu_model, usable_cores
+
+    print(f"\n==> Measuring the engine alone ({engine}, this model) on {cpu_model()}, {usable_cores()} cores "
+          f"({', '.join(cpu_flags()) or 'flags unknown'})", flush=True)
+    ceiling = engine_ceiling(bundle, engine, "auto", 64, CEILING_SECONDS)
+    best = ceiling["throughput_cells_per_s"]
+    print(f"    {ceiling['engine']} {ceiling['precision']}, {ceiling['threading']}: at most {best:,.0f} cells/s "
+          f"(batch {ceiling['batch']}); the live run offers {rate:,.0f} cells/s, {100 * rate / best:.0f}% of that")
+    if rate > SUSTAINABLE_SHARE * best:
+        print(f"    This machine cannot sustain {rate:,.0f} cells/s with this model inside a 10 ms deadline: random "
+              f"arrivals need headroom, and {rate:,.0f} is above {100 * SUSTAINABLE_SHARE:.0f}% of what the engine "
+              f"decides. The streamer will refuse the excess at the door (answered at once, counted as "
+              f"overload_refused, never sorted late). For a clean run: `make demo DEMO_ARGS=\"--rate "
+              f"{int(SUSTAINABLE_SHARE * best / 100) * 100}\"`, or a smaller model "
+              f"(`--width {WIDTH / 2:g} --retrain`).", flush=True)
+    return ceiling
+
+
+def print_verdict(summary: dict[str, object], ceiling: dict[str, object], deadline_ms: float) -> None:
+    """One plain line: was the deadline kept, and if not, why."""
+    sent, late = summary["cells_sent"], summary["late"]
+    refused = sum(v for k, v in summary["errors"].items() if k.startswith("overload"))
+    p99 = summary["latency_ms"]["p99"]
+    kept = sent and late <= 0.01 * sent and p99 is not None and p99 <= deadline_ms
+    print(f"\nResult: {'deadline kept' if kept else 'deadline NOT kept'}: {100 * late / max(sent, 1):.2f}% late "
+          f"(at most 1%), p99 {p99 or 0:.2f} ms (at most {deadline_ms:g} ms), {refused:,} cells refused at the door.")
+    if not kept or refused:
+        print(f"  The engine decides at most {ceiling['throughput_cells_per_s']:,.0f} cells/s here; "
+              "if the machine was busy with other work, its engine and the simulated instrument shared the cores.")
+
+
 def simulate_training_cells(path: Path, cells: int) -> None:
     from trainer.dataset import write_dataset
     from trainer.synthetic import generate, to_dataset
@@ -117,6 +153,7 @@ def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
 
     began = time.perf_counter()
     engine = settings.engine or ("openvino" if engines.available()["openvino"] is None else "torch")
+    ceiling = measure_engine(bundle, engine, settings.rate)
     print(f"\n==> Starting the streamer (flowsort serve {bundle}, {engine} engine, a mitotic sort gate)", flush=True)
     with open_link(LinkOptions(serve=bundle, engine=engine), out / "streamer") as link:
         print(f"    ready in {time.perf_counter() - began:.1f} s: ingest {link.ingest}, decisions {link.decisions}")
@@ -127,7 +164,9 @@ def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
         _, summary = live_run(link, plan, title=f"flowsort demo: {settings.rate:,.0f} cells/s", target_rate=settings.rate,
                               dashboard=settings.dashboard)
     print_summary(summary, 10.0)
+    print_verdict(summary, ceiling, 10.0)
     settings = {"bundle": str(bundle), "engine": summary.get("engine"), "rate": settings.rate, "seconds": settings.seconds,
+                "engine_ceiling": ceiling,
                 "arrivals": "poisson", "transit_ms": 10.0, "sample": cells.description,
                 "gates": [g.__dict__ for g in link.gates]}
     json_path, html_path = write_outputs(out, "report", "flowsort demo: a simulated instrument through the streamer",

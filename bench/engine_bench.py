@@ -16,7 +16,6 @@ latency/throughput frontier) into the output folder.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.cpu import describe
 from flowsort.errors import UserError
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -50,6 +50,33 @@ def timed(functions: dict[str, Callable[[], object]], seconds: float) -> dict[st
                 function()
                 laps[name].append(time.perf_counter_ns() - start)
     return {name: np.asarray(values, dtype=np.float64) * 1e-9 for name, values in laps.items()}
+
+
+def pipelined(engine: Any, cells: np.ndarray, seconds: float) -> float:
+    """Cells/s with the engine kept full: ``engine.depth`` batches in flight, as the service runs it (on an
+    engine with parallel streams this is what all of them together decide; ``infer`` times one)."""
+    for _ in range(WARMUP_CALLS):
+        engine.infer(cells)
+    for _ in range(engine.depth):
+        engine.submit(cells)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < MIN_CALLS:
+        engine.collect()
+        engine.submit(cells)
+        done += 1
+    elapsed = time.perf_counter() - start
+    for _ in range(engine.depth):
+        engine.collect()
+    return done * len(cells) / elapsed
+
+
+def ceiling(engine: Any, cells: np.ndarray, sizes: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    """The engine's ceiling: the best pipelined throughput over ``sizes``, and the batch size that reaches it."""
+    rates = {size: pipelined(engine, cells[:size], seconds) for size in sizes}
+    best = max(rates, key=rates.get)
+    return {"engine": engine.name, "precision": engine.precision, "batch": best,
+            "throughput_cells_per_s": rates[best], "throughput_by_batch": {str(size): rate for size, rate in rates.items()},
+            "threading": engine.describe().get("threading", "")}
 
 
 def summary(latencies: np.ndarray, batch: int) -> dict[str, Any]:
@@ -114,7 +141,8 @@ def bench_engine(
         if engine.name == "openvino":
             functions["bare"] = bare_openvino(engine, batch_cells)
         laps = timed(functions, seconds)
-        row = {"engine": engine.name, "precision": engine.precision, "batch": batch, **summary(laps["engine"], batch)}
+        row = {"engine": engine.name, "precision": engine.precision, "batch": batch, **summary(laps["engine"], batch),
+               "pipelined_cells_per_s": pipelined(engine, batch_cells, seconds / 2)}
         if "bare" in laps:
             bare = summary(laps["bare"], batch)
             row["bare_openvino_latency_ms"] = bare["latency_ms"]
@@ -122,13 +150,6 @@ def bench_engine(
         rows.append(row)
         tick()
     return rows
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -200,7 +221,7 @@ def time_engines(bundle_path: Path, out: Path, engines_to_time: tuple[str, ...] 
                 rows += bench_engine(engine, cells, sizes, seconds, progress.update)
     out.mkdir(parents=True, exist_ok=True)
     report = {
-        "bundle": str(bundle.path), "bundle_hash": bundle.content_hash, "machine": machine(),
+        "bundle": str(bundle.path), "bundle_hash": bundle.content_hash, "machine": describe(),
         "settings": {"batch_sizes": list(sizes), "seconds": seconds, "threads": threads},
         "engines": described, "overhead_target": OVERHEAD_TARGET, "results": rows,
     }

@@ -163,6 +163,33 @@ def thread_cpu_s(pid: int) -> dict[str, float] | None:
     return used
 
 
+def thread_switches(pid: int) -> dict[str, int] | None:
+    """Context switches so far per service thread and the rest together (Linux /proc): a thread that wakes
+    per message, or gives up its core to another, shows here."""
+    from streamer.threadnames import SERVICE_THREADS
+
+    counts = dict.fromkeys(SERVICE_THREADS, 0) | {ENGINE_AND_OTHER: 0}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            switches = sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+            counts[name if name in counts else ENGINE_AND_OTHER] += switches
+    except OSError:
+        return None
+    return counts
+
+
+def switch_rates(before: dict[str, int] | None, after: dict[str, int] | None, wall_s: float) -> dict[str, float] | None:
+    """Context switches per second per thread group between two :func:`thread_switches` readings."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return {name: (after[name] - before.get(name, 0)) / wall_s for name in after}
+
+
 def service_and_engine_cores(summary: dict[str, Any]) -> tuple[float | None, float | None]:
     """Cores the streamer's own threads (ingest, inference, emitter, results) used, and the rest (the engine)."""
     threads = summary.get("streamer_threads_cores")

@@ -108,7 +108,7 @@ def run_sections(summary: dict[str, Any], deadline_ms: float | None = None) -> l
         ("errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "none"),
         ("latency capture to decision received, p50 / p95 / p99 / max",
          " / ".join(fmt(latency[k], " ms") for k in ("p50", "p95", "p99", "max"))),
-        ("service latency (receipt to send), p50 / p99",
+        ("service latency (capture to send), p50 / p99",
          " / ".join(fmt(service[k], " ms") for k in ("p50", "p99"))),
         ("sender pacing: rate error, lag p50 / p99",
          f"{100 * summary['pacing']['rate_error']:+.2f}%, {summary['pacing']['lag_p50_us']:.0f} / "

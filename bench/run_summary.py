@@ -19,22 +19,10 @@ SERIES_BIN_S = 0.25
 
 
 def describe_machine() -> dict[str, Any]:
-    """bench.engine_bench's machine facts, the CPU model and the load average (other work on the machine)."""
-    import os
+    """The CPU model, its vector flags, usable cores and the load average (other work on the machine)."""
+    from engines.cpu import describe
 
-    from bench.engine_bench import machine
-
-    info = machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load_average_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
-    return info
+    return describe()
 
 
 def e2e_latency_ms(record: RunRecord) -> np.ndarray:

@@ -156,14 +156,11 @@ def write_outputs(out: Path, name: str, title: str, summary: dict[str, Any], set
     head = table(("setting", "value"), [(k, json.dumps(v, default=json_default) if not isinstance(v, str) else v)
                             for k, v in settings.items()])
     html_path = write(out / f"{name}.html", title,
-                      [f"<p class='note'>{e(document['date'])}, {e(_cpu(document['machine']))}, "
-                       f"{document['machine']['cpus']} CPUs, load average at the end "
+                      [f"<p class='note'>{e(document['date'])}, {e(document['machine']['cpu_model'])}, "
+                       f"{document['machine']['cores']} cores ({', '.join(document['machine']['cpu_flags'])}), "
+                       f"load average at the end "
                        f"{document['machine'].get('load_average_1_5_15min', '?')}</p>", head, *run_sections(summary, deadline_ms)])
     return json_path, html_path
-
-
-def _cpu(machine: dict[str, Any]) -> str:
-    return machine.get("cpu_model") or machine.get("processor") or "?"
 
 
 def json_default(value: Any) -> Any:

@@ -17,14 +17,12 @@ small integer codes). :func:`join` matches them to the plan's cells.
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 import zmq
 
@@ -34,95 +32,19 @@ from streamer import codec
 from streamer import protocol as p
 from streamer.recording_truth import TRUTH_KEY, Recording, Truth
 
-# Per-cell columns a template can carry, with their wire dtypes.
-COLUMN_DTYPES = {
-    p.EVENT_IDS: np.dtype("<u8"), p.CAPTURE_NS: np.dtype("<i8"), p.DEADLINE_NS: np.dtype("<i8"),
-    "truth_label": np.dtype("<i2"), "truth_dead": np.dtype("u1"), "truth_debris": np.dtype("u1"),
-}
 START_DELAY_S = 0.1
+TRUTH_DTYPES = {"label": np.dtype("<i2"), "dead": np.dtype("u1"), "debris": np.dtype("u1")}
 
 
-def _packb(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _map_header(count: int) -> bytes:
-    return bytes((0x80 | count,)) if count < 16 else b"\xde" + struct.pack(">H", count)
-
-
-def _bin_prefix(nbytes: int) -> bytes:
-    if nbytes < 256:
-        return b"\xc4" + bytes((nbytes,))
-    if nbytes < 65536:
-        return b"\xc5" + struct.pack(">H", nbytes)
-    return b"\xc6" + struct.pack(">I", nbytes)
-
-
-class HeaderBuilder:
-    """A msgpack map built entry by entry, remembering where each patchable bin column's bytes sit."""
-
-    def __init__(self) -> None:
-        self._body = bytearray()
-        self._entries = 0
-        self._columns: dict[str, tuple[int, np.dtype, int]] = {}  # name -> (offset in body, dtype, count)
-
-    def add(self, key: str, value: Any) -> None:
-        self._body += _packb(key) + _packb(value)
-        self._entries += 1
-
-    def _column(self, name: str, count: int) -> None:
-        dtype = COLUMN_DTYPES[name]
-        self._body += _bin_prefix(count * dtype.itemsize)
-        self._columns[name] = (len(self._body), dtype, count)
-        self._body += bytes(count * dtype.itemsize)
-
-    def add_column(self, key: str, count: int) -> None:
-        self._body += _packb(key)
-        self._column(key, count)
-        self._entries += 1
-
-    def add_truth(self, class_names: Sequence[str], count: int, dead: bool, debris: bool) -> None:
-        """``x_truth``: a nested map of the class names and patchable truth columns."""
-        entries = 2 + dead + debris
-        self._body += _packb(TRUTH_KEY) + _map_header(entries) + _packb("class_names") + _packb(list(class_names))
-        self._body += _packb("label")
-        self._column("truth_label", count)
-        for flag, wanted in (("dead", dead), ("debris", debris)):
-            if wanted:
-                self._body += _packb(flag)
-                self._column(f"truth_{flag}", count)
-        self._entries += 1
-
-    def build(self) -> tuple[bytearray, dict[str, np.ndarray]]:
-        """The header and a writable numpy view of each column inside it."""
-        head = _map_header(self._entries)
-        header = bytearray(head) + self._body
-        views = {name: np.frombuffer(header, dtype, count, offset + len(head))
-                 for name, (offset, dtype, count) in self._columns.items()}
-        return header, views
-
-
-def cells_header(acquisition: str, channels: Sequence[int], shape: Sequence[int], dtype: str = p.NATIVE_DTYPE,
-                 deadline: bool = True, truth: Truth | None = None,
-                 extra: dict[str, Any] | None = None) -> tuple[bytearray, dict[str, np.ndarray]]:
-    """A `cells` header for ``shape`` = [N, C, H, W] with patchable per-cell columns."""
-    n = int(shape[0])
-    builder = HeaderBuilder()
-    builder.add(p.VERSION, p.PROTOCOL_VERSION)
-    builder.add(p.TYPE, p.CELLS)
-    builder.add(p.ACQUISITION, acquisition)
-    builder.add(p.DTYPE, dtype)
-    builder.add(p.CHANNELS, [int(c) for c in channels])
-    builder.add(p.SHAPE, [int(v) for v in shape])
-    builder.add_column(p.EVENT_IDS, n)
-    builder.add_column(p.CAPTURE_NS, n)
-    if deadline:
-        builder.add_column(p.DEADLINE_NS, n)
-    if truth is not None:
-        builder.add_truth(truth.class_names, n, truth.dead is not None, truth.debris is not None)
-    for key, value in (extra or {}).items():
-        builder.add(key, value)
-    return builder.build()
+def truth_map(truth: Truth, count: int) -> codec.HeaderBuilder:
+    """The ``x_truth`` map of a `cells` header: class names and writable ``truth_*`` columns for ``count`` cells."""
+    inner = codec.HeaderBuilder()
+    inner.add("class_names", list(truth.class_names))
+    inner.add_column("label", TRUTH_DTYPES["label"], count, "truth_label")
+    for flag in ("dead", "debris"):
+        if getattr(truth, flag) is not None:
+            inner.add_column(flag, TRUTH_DTYPES[flag], count, f"truth_{flag}")
+    return inner
 
 
 @dataclass
@@ -218,9 +140,10 @@ class CellMessages:
         arrivals = arrivals[:total]
         messages = total // n
         truth = self.cells.truth
-        header, views = cells_header(acquisition, self.cells.channels, (n, *self.images.shape[1:]),
-                                     deadline=self.deadline and transit_ns is not None,
-                                     truth=truth if self.truth_in_messages else None)
+        header, views = codec.cells_header(
+            acquisition, self.cells.channels, (n, *self.images.shape[1:]),
+            deadline=self.deadline and transit_ns is not None,
+            maps={TRUTH_KEY: truth_map(truth, n)} if truth is not None and self.truth_in_messages else None)
         patches = list(views.items())
         templates = [Template([header, frame], patches) for frame in self.frames]
         slot = np.arange(total) % len(self.order)
@@ -307,16 +230,16 @@ def recording_plan(recording: Recording, timing: str = "recorded", rate: float |
             templates.append(Template(list(message.frames), []))
             continue
         header = message.header or {}
-        builder = HeaderBuilder()
+        builder = codec.HeaderBuilder()
         has_deadline = transit_ns is not None or cells.deadline_ns is not None
         for key, value in header.items():
             if key in (p.EVENT_IDS, p.CAPTURE_NS, p.DEADLINE_NS):
                 continue
             builder.add(key, value)
-        builder.add_column(p.EVENT_IDS, n)
-        builder.add_column(p.CAPTURE_NS, n)
+        builder.add_column(p.EVENT_IDS, p.UINT64, n)
+        builder.add_column(p.CAPTURE_NS, p.INT64, n)
         if has_deadline:
-            builder.add_column(p.DEADLINE_NS, n)
+            builder.add_column(p.DEADLINE_NS, p.INT64, n)
         frame, views = builder.build()
         templates.append(Template([frame, *message.frames[1:]], list(views.items())))
 
@@ -516,28 +439,19 @@ class Collector(threading.Thread):
 
     def _handle(self, frame: bytes, received: int) -> None:
         try:
-            header = msgpack.unpackb(frame, raw=False)
-        except Exception:
+            message = codec.decode_output([frame])
+        except Exception:  # garbage, another version, a decisions message missing a column
             self.malformed += 1
             return
-        if not isinstance(header, dict) or header.get(p.VERSION) not in p.SUPPORTED_VERSIONS:
-            self.malformed += 1
-            return
-        if header.get(p.TYPE) != p.DECISIONS:
-            header["received_ns"] = received
-            self.others.append(header)
+        if not isinstance(message, p.Decisions):
+            message["received_ns"] = received
+            self.others.append(message)
             return
         self.chunks.append(Chunk(
-            acquisition=header[p.ACQUISITION], received_ns=received,
-            event_ids=np.array(header["event_ids"], np.uint64),
-            label=self.labels.codes(header["label"]),
-            probability=np.array(header["probability"], np.float32),
-            dead=np.array(header["dead"], bool),
-            gate=self.gates.codes(header["gate"]),
-            late=np.array(header["late"], bool),
-            latency_us=np.array(header["latency_us"], np.int64),
-            error=self.errors.codes(header["error"]),
-            seq=header.get(p.SEQ, -1), worker=header.get(p.WORKER, ""),
+            acquisition=message.acquisition, received_ns=received, event_ids=message.event_ids,
+            label=self.labels.codes(message.label), probability=message.probability, dead=message.dead,
+            gate=self.gates.codes(message.gate), late=message.late, latency_us=message.latency_us,
+            error=self.errors.codes(message.error), seq=message.seq, worker=message.worker,
         ))
 
     def cells(self) -> int:

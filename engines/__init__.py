@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_MAX_BATCH", "ENGINES", "Engine", "Outputs", "available", "lo
 ENGINES = ("tensorrt", "openvino", "torch")
 _MODULES = {"tensorrt": "engines.tensorrt_engine", "openvino": "engines.openvino_engine", "torch": "engines.torch_engine"}
 _CLASSES = {"tensorrt": "TensorRTEngine", "openvino": "OpenVINOEngine", "torch": "TorchEngine"}
-_OPTIONS = {"tensorrt": {"device_id"}, "openvino": {"threads"}, "torch": {"threads"}}
+_OPTIONS = {"tensorrt": {"device_id"}, "openvino": {"threads", "streams"}, "torch": {"threads"}}
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def load(
     ``precision="auto"`` is the engine's fastest validated precision: OpenVINO
     runs the bundle's guard-approved INT8 model if it has one, else bf16 where
     the CPU has it natively, else fp32; TensorRT fp16; torch fp16 on CUDA and
-    fp32 on the CPU. ``options`` go to the engine: ``threads`` (openvino, torch), ``device_id`` (tensorrt);
+    fp32 on the CPU. ``options`` go to the engine: ``threads`` (openvino, torch), ``streams`` (openvino:
+    batches computed at once, see :mod:`engines.cpu`), ``device_id`` (tensorrt);
     those set to None are left to the engine's default.
     """
     if not isinstance(bundle, Bundle):

@@ -1,11 +1,12 @@
 """What every engine is: uint16 cells in, probabilities, embedding and dead score out.
 
-An engine owns ``DEPTH`` preallocated buffer sets sized for its ``max_batch``.
-``submit`` copies a batch into the next free set and starts it; ``collect``
-waits for the oldest batch and returns views of its set's output buffers. Two
-sets let a caller (or a GPU's copy engine) fill the next batch while the
-current one computes; ``infer`` is the plain synchronous call, submit then
-collect. Nothing on this path allocates array memory or loops over cells.
+An engine owns ``depth`` (at least ``DEPTH``) preallocated buffer sets sized
+for its ``max_batch``. ``submit`` copies a batch into the next free set and
+starts it; ``collect`` waits for the oldest batch and returns views of its
+set's output buffers. Two sets let a caller (or a GPU's copy engine) fill the
+next batch while the current one computes; an engine that computes several
+batches at once (OpenVINO streams) has a set per batch it can run.
+``infer`` is the plain synchronous call, submit then collect. Nothing on this path allocates array memory or loops over cells.
 
 This module needs numpy only: the streamer imports it without torch.
 """
@@ -63,13 +64,15 @@ class Engine(ABC):
 
     name: str = ""
 
-    def __init__(self, bundle: Bundle, precision: str, device: str, max_batch: int) -> None:
+    def __init__(self, bundle: Bundle, precision: str, device: str, max_batch: int, parallel: int = 1) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be at least 1, got {max_batch}")
         self.bundle = bundle
         self.precision = precision
         self.device = device
         self.max_batch = max_batch
+        self.parallel = parallel  # batches computed at the same time (OpenVINO streams); 1 = one after another
+        self.depth = max(DEPTH, parallel)  # batches that may be in flight at once
         channels, size = len(bundle.channels), bundle.input_size
         self.input_shape = (channels, size, size)
         self.num_classes = len(bundle.class_names)
@@ -86,11 +89,11 @@ class Engine(ABC):
 
     def submit(self, cells: np.ndarray) -> None:
         """Copy ``cells`` into the next free buffer set and start computing them."""
-        if len(self._pending) == DEPTH:
-            raise RuntimeError(f"{DEPTH} batches are already in flight: collect() one before submitting another")
+        if len(self._pending) == self.depth:
+            raise RuntimeError(f"{self.depth} batches are already in flight: collect() one before submitting another")
         n = self._check(cells)
         slot = self._next_slot
-        self._next_slot = (slot + 1) % DEPTH
+        self._next_slot = (slot + 1) % self.depth
         self._start(slot, cells, n)
         self._pending.append((slot, n))
 
@@ -108,6 +111,7 @@ class Engine(ABC):
             "precision": self.precision,
             "device": self.device,
             "max_batch": self.max_batch,
+            "parallel": self.parallel,
             "bundle_hash": self.bundle.content_hash,
         }
 

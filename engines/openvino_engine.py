@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from engines import int8
-from engines.base import DEFAULT_MAX_BATCH, DEPTH, Engine, OutputBuffers, Outputs, cache_dir
+from engines.base import DEFAULT_MAX_BATCH, Engine, OutputBuffers, Outputs, cache_dir
+from engines.cpu import Threading, choose_threading, native_bf16
 from engines.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle
 from flowsort.errors import UserError
 
@@ -67,8 +68,9 @@ def is_x86() -> bool:
 
 
 def has_native_bf16(core: Any) -> bool:
-    """OpenVINO lists BF16 among the CPU's capabilities only where it is native (AVX512-BF16, AMX)."""
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    """OpenVINO lists BF16 among the CPU's capabilities only where it is native (AVX512-BF16, AMX); an
+    ``ONEDNN_MAX_CPU_ISA`` cap below that turns it off (the plugin still lists it)."""
+    return native_bf16("BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def resolve_precision(requested: str, core: Any, bundle: Bundle) -> str:
@@ -109,6 +111,22 @@ def batch_shapes(max_batch: int, cell: tuple[int, ...], ov: Any) -> list[Any]:
     return shapes
 
 
+def compile_config(precision: str, threading: Threading) -> dict[str, Any]:
+    """The CPU plugin's settings: precision, and one thread per stream without pinning.
+
+    Pinning would tie a stream to a core that the service's own threads (or the
+    instrument's) may be using while another core idles.
+    """
+    return {
+        # Layers INT8 leaves in float run in f32: they are few, and the dead score is sensitive.
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY" if threading.streams == 1 else "THROUGHPUT",
+        "NUM_STREAMS": threading.streams,
+        "INFERENCE_NUM_THREADS": threading.threads,
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
 class OpenVINOEngine(Engine):
     name = "openvino"
 
@@ -118,13 +136,16 @@ class OpenVINOEngine(Engine):
         precision: str = "auto",
         max_batch: int = DEFAULT_MAX_BATCH,
         threads: int | None = None,
+        streams: int | None = None,
         model_path: Path | None = None,
     ) -> None:
-        """``model_path`` overrides the model to run (the INT8 guard evaluates a candidate with it)."""
+        """``threads``/``streams``: see :func:`engines.cpu.choose_threading` (None: chosen for this machine).
+        ``model_path`` overrides the model to run (the INT8 guard evaluates a candidate with it)."""
         ov = import_openvino()
         core = ov.Core()
         resolved = precision if model_path is not None else resolve_precision(precision, core, bundle)
-        super().__init__(bundle, resolved, "CPU", max_batch)
+        self.threading = choose_threading(streams or 0, threads or 0)
+        super().__init__(bundle, resolved, "CPU", max_batch, parallel=self.threading.streams)
         # A folder per precision: OpenVINO names a cached blob after the model alone, so they would evict each other.
         cache = cache_dir(bundle, "openvino-cache", resolved)
         if cache is not None:
@@ -133,25 +154,19 @@ class OpenVINOEngine(Engine):
             model_path = int8.approved_model(bundle) if resolved == "int8" else bundle.onnx_path
         model = core.read_model(str(model_path))
         float_input(model, ov)
-        config: dict[str, Any] = {
-            # Layers INT8 leaves in float run in f32: they are few, and the dead score is sensitive.
-            "INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-        }
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.threads = threads
+        config = compile_config(resolved, self.threading)
         self._compiled = []
         for shape in batch_shapes(max_batch, self.input_shape, ov):
             model.reshape({INPUT_NAME: shape})
             self._compiled.append(core.compile_model(model, "CPU", config))
         self._tensor = ov.Tensor
-        self._inputs = [np.empty((max_batch, *self.input_shape), np.float32) for _ in range(DEPTH)]
-        self._buffers = [OutputBuffers(max_batch, self.num_classes, self.embedding_dim) for _ in range(DEPTH)]
+        depth = self.depth
+        self._inputs = [np.empty((max_batch, *self.input_shape), np.float32) for _ in range(depth)]
+        self._buffers = [OutputBuffers(max_batch, self.num_classes, self.embedding_dim) for _ in range(depth)]
         # Per buffer set: a request on each compiled model, and the batch size it is bound to.
-        self._requests = [[compiled.create_infer_request() for compiled in self._compiled] for _ in range(DEPTH)]
-        self._bound = [[0] * len(self._compiled) for _ in range(DEPTH)]
-        self._running: list[Any] = [None] * DEPTH
+        self._requests = [[compiled.create_infer_request() for compiled in self._compiled] for _ in range(depth)]
+        self._bound = [[0] * len(self._compiled) for _ in range(depth)]
+        self._running: list[Any] = [None] * depth
 
     def compiled_for(self, n: int) -> Any:
         """The compiled model that runs batches of ``n`` cells."""
@@ -159,7 +174,10 @@ class OpenVINOEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         ov = import_openvino()
-        return {**super().describe(), "threads": self.threads or "auto", "openvino": ov.get_version()}
+        compiled = self._compiled[0]
+        return {**super().describe(), "streams": compiled.get_property("NUM_STREAMS"),
+                "threads": compiled.get_property("INFERENCE_NUM_THREADS"), "threading": str(self.threading),
+                "openvino": ov.get_version()}
 
     def _start(self, slot: int, cells: np.ndarray, n: int) -> None:
         np.copyto(self._inputs[slot][:n], cells)  # uint16 -> float32, exact

@@ -21,6 +21,11 @@ batch is due and which cells it holds:
   cell late);
 * cells whose deadline has already passed are not run: they come back as
   ``expired`` to be answered late at once;
+* cells are shed at the door: a cell whose deadline has passed when it arrives
+  comes back ``expired`` at once, and one that the work already queued and
+  running would make miss its deadline comes back ``refused`` (answered before
+  its deadline, never run), so under overload the engine spends its time on
+  cells it can still decide in time and nothing waits only to expire;
 * the queue is bounded in cells: when full, ``drop_oldest`` evicts the oldest
   cells to make room and ``refuse`` turns the new segment away; either way the
   caller gets the cells back to answer them.
@@ -36,11 +41,14 @@ from typing import Any
 
 import numpy as np
 
+from streamer.config import BatchingConfig
+
 NEVER = (1 << 63) - 1  # a deadline that never comes
 EWMA = 0.1  # weight of a new engine time measurement
 RESOLVE_EVERY = 64  # measurements between two re-plans
 BATCHING_GAIN = 0.9  # a bigger batch must cost at most this share per cell to be worth waiting for
 LEAD_NS = 100_000  # a batch for a busy engine is formed this long before the engine should be free
+ADMISSION_SAFETY = 1.15  # admission plans with engine times this much longer than measured
 
 
 class Planner:
@@ -50,7 +58,9 @@ class Planner:
     ``first[q]`` the size of that sequence's first batch (dynamic programming over q).
     """
 
-    def __init__(self, sizes: Sequence[int], costs_ns: dict[int, float] | None = None) -> None:
+    def __init__(self, sizes: Sequence[int], costs_ns: dict[int, float] | None = None, parallel: int = 1) -> None:
+        """``costs_ns``: one batch's time per size; ``parallel``: batches the engine computes at once."""
+        self.parallel = max(1, int(parallel))
         self.sizes = tuple(sorted(set(int(s) for s in sizes)))
         if not self.sizes or self.sizes[0] < 1:
             raise ValueError(f"batch sizes must be positive, got {sizes}")
@@ -77,6 +87,7 @@ class Planner:
                     break  # larger sizes only pad more
             clear[q], first[q] = best, best_size
         self.clear, self.first = clear, first
+        self._clear = np.asarray(clear)
         # Waiting for company only makes sense where a bigger batch costs less per cell.
         single = self.costs[self.sizes[0]] / self.sizes[0]
         self.batching_pays = any(self.costs[s] / s < BATCHING_GAIN * single for s in self.sizes[1:])
@@ -99,8 +110,20 @@ class Planner:
     def cost(self, size: int) -> float:
         return self.costs[size]
 
+    def drain_ns(self, cells: Any) -> Any:
+        """Engine time to run ``cells`` queued cells (a count, or an array of counts), its parallel batches busy."""
+        if isinstance(cells, int):  # the common case, one per message: no numpy
+            whole, rest = divmod(cells, self.max_size)
+            return (whole * self.clear[self.max_size] + self.clear[rest]) / self.parallel
+        whole, rest = np.divmod(cells, self.max_size)
+        return (whole * self._clear[self.max_size] + self._clear[rest]) / self.parallel
+
+    def ceiling(self) -> float:
+        """Cells/s the engine sustains at its most efficient size, all its parallel batches busy."""
+        return max(size / cost for size, cost in self.costs.items()) * 1e9 * self.parallel
+
     def observe(self, size: int, elapsed_ns: float) -> None:
-        """Fold in a measured engine time for a batch of ``size`` (an allowed size)."""
+        """Fold in a measured time of one batch of ``size`` (an allowed size)."""
         if size not in self.costs:
             return
         self.costs[size] += EWMA * (elapsed_ns - self.costs[size])
@@ -118,6 +141,7 @@ class Segment:
     pixels: np.ndarray  # uint16 [n, C, S, S] (a view of the received frame where possible)
     arrival_ns: int  # receipt, on the service's clock
     deadlines: np.ndarray  # int64 [n], service clock
+    origins: np.ndarray  # int64 [n], capture on the service's clock (receipt where capture is later): latency's start
     pos: int = 0
     min_deadline: int = -1  # computed from deadlines unless given
     capture_ns: np.ndarray | None = None  # int64 [n], the instrument's capture time (for --results)
@@ -152,6 +176,25 @@ class Piece:
         return len(self.index)
 
 
+def _take_cells(segment: Segment, index: np.ndarray) -> tuple[Any, ...]:
+    """The fields of a new segment holding ``index`` of ``segment``'s cells."""
+    capture = None if segment.capture_ns is None else segment.capture_ns[index]
+    return (segment.acquisition, segment.event_ids[index], segment.pixels[index], segment.arrival_ns,
+            segment.deadlines[index], segment.origins[index], 0, -1, capture)
+
+
+@dataclass(slots=True)
+class Admission:
+    """What :meth:`Batcher.add` did with a segment: cells queued, and the cells to answer instead."""
+
+    queued: bool
+    expired: list[Piece] = field(default_factory=list)  # deadline passed on arrival: answer late
+    shed: list[Piece] = field(default_factory=list)  # would miss the deadline behind the queue: refuse
+    dropped: list[Piece] = field(default_factory=list)  # the queue was full: evicted (drop_oldest) or refused
+    refused: bool = False  # ``dropped`` holds this segment, turned away whole (queue full, overload = refuse)
+    keep: np.ndarray | None = None  # after shedding: the indices of the cells that can still make it
+
+
 @dataclass(slots=True)
 class Batch:
     """What to do now: run ``pieces`` (``cells`` cells) as an engine batch of ``size``; answer
@@ -179,25 +222,83 @@ class Batcher:
         self.markers = 0
         self.draining = False
         self.lead_ns = LEAD_NS
+        self.engine_free_ns = 0  # when the engine can start another batch (set by the inference thread)
         self._head_deadline: int | None = None  # min deadline over the next batch's cells (cache)
+
+    @classmethod
+    def from_config(cls, planner: Planner, batching: BatchingConfig) -> Batcher:
+        """A batcher for ``[batching]`` (a :class:`~streamer.config.BatchingConfig`)."""
+        return cls(planner, int(batching.max_delay_us * 1000), batching.queue_cells, batching.overload,
+                   batching.adaptive_delay)
+
+    def configure(self, batching: BatchingConfig) -> None:
+        """Take a reload's delay, bound and overload policy (``[batching]``, validated with the config)."""
+        self.max_delay_ns = int(batching.max_delay_us * 1000)
+        self.capacity = batching.queue_cells
+        self.overload = batching.overload
+        self.adaptive_delay = batching.adaptive_delay
 
     # ------------------------------------------------------------------ arrivals
 
-    def add(self, segment: Segment) -> tuple[bool, list[Piece]]:
-        """Queue ``segment``. Returns (accepted, cells to answer as dropped or refused)."""
+    def admit(self, segment: Segment, now: int) -> Admission:
+        """At the door: answer the cells that cannot be decided in time, queue the rest (:meth:`add`)."""
+        if segment.min_deadline < NEVER and not self.draining and segment.remaining > 0:
+            shed = self._shed(segment, now)
+            if shed.queued is False:
+                return shed
+            if shed.expired or shed.shed:
+                segment = Segment(*_take_cells(segment, shed.keep))
+            admission = self.add(segment)
+            admission.expired, admission.shed = shed.expired, shed.shed
+            return admission
+        return self.add(segment)
+
+    def add(self, segment: Segment) -> Admission:
+        """Queue ``segment`` within the queue's bound (evicting the oldest cells, or refusing it, when full)."""
+        admission = Admission(queued=True)
         n = segment.remaining
         if n <= 0:
-            return True, []
-        dropped: list[Piece] = []
+            return admission
         if self.queued + n > self.capacity:
             if self.overload == "refuse" or n > self.capacity:
-                return False, [Piece(segment, slice(segment.pos, len(segment.event_ids)))]
-            dropped = self._evict(self.queued + n - self.capacity)
+                admission.queued, admission.refused = False, True
+                admission.dropped.append(Piece(segment, slice(segment.pos, len(segment.event_ids))))
+                return admission
+            admission.dropped = self._evict(self.queued + n - self.capacity)
         if self._head_deadline is not None and self.queued < self.planner.max_size:
             self._head_deadline = min(self._head_deadline, segment.min_deadline)
         self.queue.append(segment)
         self.queued += n
-        return True, dropped
+        return admission
+
+    def finish_estimates(self, cells: int, now: int, each: bool = True) -> Any:
+        """When each of ``cells`` more cells would be decided if queued now, behind all queued and running
+        (``each=False``: only the last of them, as a number)."""
+        planner = self.planner
+        start = max(now, self.engine_free_ns)
+        # The queue drains at the parallel rate; the batch holding the cell itself takes its whole time; and
+        # engine times vary, and sending takes a little: admit only what fits with a margin.
+        last = planner.cost(planner.pad_size(cells)) * (1 - 1 / planner.parallel)
+        ahead = self.queued + np.arange(1, cells + 1) if each else self.queued + cells
+        return start + ADMISSION_SAFETY * (planner.drain_ns(ahead) + last) + self.lead_ns
+
+    def _shed(self, segment: Segment, now: int) -> Admission:
+        """Which of the segment's cells cannot make their deadline: already expired, or behind the queue."""
+        admission = Admission(queued=True)
+        n = segment.remaining
+        if segment.min_deadline > self.finish_estimates(n, now, each=False):
+            return admission
+        first = segment.pos
+        deadlines = segment.deadlines[first:]
+        expired = deadlines <= now
+        shed = ~expired & (deadlines <= self.finish_estimates(n, now))
+        if expired.any():
+            admission.expired.append(Piece(segment, np.flatnonzero(expired) + first))
+        if shed.any():
+            admission.shed.append(Piece(segment, np.flatnonzero(shed) + first))
+        admission.keep = np.flatnonzero(~(expired | shed)) + first
+        admission.queued = bool(len(admission.keep))
+        return admission
 
     def add_marker(self, marker: Marker) -> None:
         self.queue.append(marker)

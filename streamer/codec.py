@@ -29,6 +29,8 @@ from streamer import protocol as p
 from streamer.protocol import Reason, Rejected
 
 MAX_ACQUISITION_CHARS = 256
+NAN = float("nan")
+ANSWERED_IDS_FACTOR = 16  # a rejected message's readable event ids are answered up to this many x max_cells
 MAX_CHANNELS = 64
 
 
@@ -57,11 +59,78 @@ def _map_header(count: int) -> bytes:
     return b"\xde" + struct.pack(">H", count)
 
 
-def _pairs(fields: dict[str, Any]) -> bytes:
-    return b"".join(_packb(key) + _packb(value) for key, value in fields.items())
+def _bin_prefix(nbytes: int) -> bytes:
+    if nbytes < 256:
+        return b"\xc4" + bytes((nbytes,))
+    if nbytes < 65536:
+        return b"\xc5" + struct.pack(">H", nbytes)
+    return b"\xc6" + struct.pack(">I", nbytes)
 
 
-_K_IDS, _K_CAPTURE, _K_SHAPE, _K_DEADLINE = (_packb(k) for k in (p.EVENT_IDS, p.CAPTURE_NS, p.SHAPE, p.DEADLINE_NS))
+class HeaderBuilder:
+    """A msgpack map built entry by entry; per-cell columns are ``bin`` values whose bytes can be rewritten
+    in place for each message (numpy views into the header), so a sender encodes nothing per message."""
+
+    def __init__(self) -> None:
+        self._body = bytearray()
+        self._entries = 0
+        self._columns: dict[str, tuple[int, np.dtype, int]] = {}  # view name -> (offset in body, dtype, count)
+
+    def add(self, key: str, value: Any) -> None:
+        self._body += _packb(key) + _packb(value)
+        self._entries += 1
+
+    def add_column(self, key: str, dtype: np.dtype, count: int, name: str | None = None) -> None:
+        """``key``: ``count`` values of ``dtype`` as one bin, to be written through the view ``name`` (default key)."""
+        self._body += _packb(key) + _bin_prefix(count * dtype.itemsize)
+        self._columns[name or key] = (len(self._body), dtype, count)
+        self._body += bytes(count * dtype.itemsize)
+        self._entries += 1
+
+    def add_map(self, key: str, inner: HeaderBuilder) -> None:
+        """``key``: the map ``inner`` holds, its columns writable like this map's own."""
+        self._body += _packb(key)
+        head = _map_header(inner._entries)
+        base = len(self._body) + len(head)
+        self._body += head + inner._body
+        for name, (offset, dtype, count) in inner._columns.items():
+            self._columns[name] = (base + offset, dtype, count)
+        self._entries += 1
+
+    def build(self) -> tuple[bytearray, dict[str, np.ndarray]]:
+        """The header and a writable numpy view of each column inside it."""
+        head = _map_header(self._entries)
+        header = bytearray(head) + self._body
+        views = {name: np.frombuffer(header, dtype, count, offset + len(head))
+                 for name, (offset, dtype, count) in self._columns.items()}
+        return header, views
+
+
+def cells_header(acquisition: str, channels: Sequence[int], shape: Sequence[int], dtype: str = p.NATIVE_DTYPE,
+                 deadline: bool = False, extra: dict[str, Any] | None = None,
+                 maps: dict[str, HeaderBuilder] | None = None) -> tuple[bytearray, dict[str, np.ndarray]]:
+    """The one builder of `cells` headers: ``shape`` = [N, C, H, W], the per-cell ``event_ids``, ``capture_ns``
+    (and with ``deadline`` ``deadline_ns``) as writable views; ``extra`` keys and nested ``maps`` (a sender's
+    own ``x_`` keys) go along."""
+    if dtype not in p.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(p.DTYPES)}, got {dtype!r}")
+    n = int(shape[0])
+    builder = HeaderBuilder()
+    builder.add(p.VERSION, p.PROTOCOL_VERSION)
+    builder.add(p.TYPE, p.CELLS)
+    builder.add(p.ACQUISITION, acquisition)
+    builder.add(p.DTYPE, dtype)
+    builder.add(p.CHANNELS, [int(c) for c in channels])
+    builder.add(p.SHAPE, [int(v) for v in shape])
+    builder.add_column(p.EVENT_IDS, p.UINT64, n)
+    builder.add_column(p.CAPTURE_NS, p.INT64, n)
+    if deadline:
+        builder.add_column(p.DEADLINE_NS, p.INT64, n)
+    for key, value in (extra or {}).items():
+        builder.add(key, value)
+    for key, inner in (maps or {}).items():
+        builder.add_map(key, inner)
+    return builder.build()
 
 
 class CellsEncoder:
@@ -69,6 +138,7 @@ class CellsEncoder:
 
     ``encode`` returns the two frames to send (``socket.send_multipart(frames, copy=False)``):
     the header bytes and the pixel array itself (sent from its buffer, not copied by Python).
+    Headers come from :func:`cells_header`, one template per message size, rewritten per message.
     """
 
     def __init__(self, acquisition: str, channels: Sequence[int], image_size: tuple[int, int] | int,
@@ -79,11 +149,9 @@ class CellsEncoder:
         self.acquisition = acquisition
         self.channels = tuple(int(c) for c in channels)
         self.image_shape = (len(self.channels), int(height), int(width))
+        self.dtype_name = dtype
         self.dtype = p.DTYPES[dtype]
-        self._static = _pairs({p.VERSION: p.PROTOCOL_VERSION, p.TYPE: p.CELLS, p.ACQUISITION: acquisition,
-                               p.DTYPE: dtype, p.CHANNELS: list(self.channels)})
-        self._with_deadline = _map_header(9) + self._static
-        self._without_deadline = _map_header(8) + self._static
+        self._templates: dict[tuple[int, bool], tuple[bytearray, dict[str, np.ndarray]]] = {}
 
     def encode(self, event_ids: Any, pixels: np.ndarray, capture_ns: Any = None,
                deadline_ns: Any = None) -> list[Any]:
@@ -101,21 +169,17 @@ class CellsEncoder:
         ids = np.asarray(event_ids, p.UINT64).reshape(-1)
         if len(ids) != n:
             raise ValueError(f"{len(ids)} event ids for {n} cells")
-        if capture_ns is None:
-            capture_ns = time.time_ns()
-        capture = np.asarray(capture_ns, p.INT64)
-        if capture.ndim == 0:
-            capture = np.full(n, capture, p.INT64)
-        parts = [
-            self._without_deadline if deadline_ns is None else self._with_deadline,
-            _K_IDS, _packb(ids.tobytes()),
-            _K_CAPTURE, _packb(capture.tobytes()),
-            _K_SHAPE, _packb([n, *self.image_shape]),
-        ]
+        key = (n, deadline_ns is not None)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = cells_header(self.acquisition, self.channels, (n, *self.image_shape),
+                                                           self.dtype_name, deadline=deadline_ns is not None)
+        header, views = template
+        views[p.EVENT_IDS][:] = ids
+        views[p.CAPTURE_NS][:] = time.time_ns() if capture_ns is None else capture_ns
         if deadline_ns is not None:
-            deadline = np.asarray(deadline_ns, p.INT64)
-            parts += [_K_DEADLINE, _packb(int(deadline) if deadline.ndim == 0 else deadline.tobytes())]
-        return [b"".join(parts), pixels]
+            views[p.DEADLINE_NS][:] = deadline_ns
+        return [bytes(header), pixels]
 
 
 def encode_cells(acquisition: str, event_ids: Any, pixels: np.ndarray, channels: Sequence[int],
@@ -138,13 +202,15 @@ def encode_ping(nonce: Any = None, acquisition: str | None = None) -> list[bytes
     return [_packb(header)]
 
 
-def encode_decisions(worker: str, seq: int, acquisition: str, bundle: str, columns: dict[str, list[Any]]) -> bytes:
-    """A `decisions` message: ``columns`` holds every name of DECISION_COLUMNS as a list."""
+def encode_decisions(worker: str, seq: int, acquisition: str, bundle: str, columns: Sequence[list[Any]]) -> bytes:
+    """A `decisions` message: ``columns`` holds one list per name of DECISION_COLUMNS, in that order."""
+    if len(columns) != len(p.DECISION_COLUMNS):
+        raise ValueError(f"{len(columns)} columns given, a decisions message has {len(p.DECISION_COLUMNS)}")
     header = {
         p.VERSION: p.PROTOCOL_VERSION, p.TYPE: p.DECISIONS, p.WORKER: worker, p.SEQ: seq,
-        p.ACQUISITION: acquisition, p.BUNDLE: bundle, p.COUNT: len(columns["event_ids"]), p.SENT_NS: time.time_ns(),
+        p.ACQUISITION: acquisition, p.BUNDLE: bundle, p.COUNT: len(columns[0]), p.SENT_NS: time.time_ns(),
     }
-    header.update(columns)
+    header.update(zip(p.DECISION_COLUMNS, columns))
     return msgpack.packb(header, use_bin_type=True, use_single_float=True)
 
 
@@ -156,27 +222,30 @@ def encode_message(message_type: str, worker: str, seq: int, fields: dict[str, A
     return msgpack.packb(header, use_bin_type=True)
 
 
+def _floats(values: list[Any]) -> np.ndarray:
+    return np.array([NAN if v is None else v for v in values], np.float32)
+
+
+# How each decision column is read back, in DECISION_COLUMNS order.
+_COLUMN_READERS: dict[str, Any] = {
+    "event_ids": lambda v: np.array(v, np.uint64), "label": list, "probability": _floats,
+    "dead": lambda v: np.array(v, bool), "dead_score": _floats, "gate": list,
+    "stream": lambda v: np.array(v, np.int64), "late": lambda v: np.array(v, bool),
+    "latency_us": lambda v: np.array(v, np.int64), "error": list,
+}
+assert tuple(_COLUMN_READERS) == p.DECISION_COLUMNS
+
+
 def decode_output(frames: Sequence[Any]) -> p.Decisions | dict[str, Any]:
     """An outgoing message as a consumer sees it: :class:`Decisions` for `decisions`, else the header map."""
     header = msgpack.unpackb(memoryview(frames[0]), raw=False)
-    if header.get(p.VERSION) not in p.SUPPORTED_VERSIONS:
-        raise ValueError(f"unsupported protocol version {header.get(p.VERSION)!r}")
+    if not isinstance(header, dict) or header.get(p.VERSION) not in p.SUPPORTED_VERSIONS:
+        raise ValueError(f"unsupported protocol version {header.get(p.VERSION) if isinstance(header, dict) else header!r}")
     if header.get(p.TYPE) != p.DECISIONS:
         return header
-    nan = float("nan")
     return p.Decisions(
         worker=header[p.WORKER], seq=header[p.SEQ], acquisition=header[p.ACQUISITION], sent_ns=header[p.SENT_NS],
-        bundle=header[p.BUNDLE],
-        event_ids=np.array(header["event_ids"], np.uint64),
-        label=list(header["label"]),
-        probability=np.array([nan if v is None else v for v in header["probability"]], np.float32),
-        dead=np.array(header["dead"], bool),
-        dead_score=np.array([nan if v is None else v for v in header["dead_score"]], np.float32),
-        gate=list(header["gate"]),
-        stream=np.array(header["stream"], np.int64),
-        late=np.array(header["late"], bool),
-        latency_us=np.array(header["latency_us"], np.int64),
-        error=list(header["error"]),
+        bundle=header[p.BUNDLE], **{name: read(header[name]) for name, read in _COLUMN_READERS.items()},
     )
 
 
@@ -203,13 +272,14 @@ def _int_column(value: Any, dtype: np.dtype, field: str, count: int | None) -> n
 
 
 def _known_ids(header: dict[str, Any], limits: Limits) -> np.ndarray | None:
-    """The message's event ids where they can be read at all (to answer a rejected message)."""
+    """The message's event ids where they can be read at all (to answer a rejected message): up to
+    ``ANSWERED_IDS_FACTOR`` x max_cells of them, so a message just over the cell limit is still answered."""
     value = header.get(p.EVENT_IDS)
     try:
         ids = _int_column(value, p.UINT64, p.EVENT_IDS, None)
     except ValueError:
         return None
-    return ids if 0 < len(ids) <= limits.max_cells else None
+    return ids if 0 < len(ids) <= ANSWERED_IDS_FACTOR * limits.max_cells else None
 
 
 def _acquisition(header: dict[str, Any], required: bool, event_ids: np.ndarray | None = None) -> str | None:

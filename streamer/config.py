@@ -71,9 +71,13 @@ class BatchingConfig:
         return max(self.batch_sizes)
 
 
+CAPTURE, RECEIPT = "capture", "receipt"
+
+
 @dataclass(frozen=True)
 class DeadlineConfig:
-    budget_us: float = 10000.0  # from receipt, for messages without deadline_ns; 0 = none
+    budget_us: float = 10000.0  # for messages without deadline_ns, counted from budget_from; 0 = none
+    budget_from: str = CAPTURE  # "capture" (the cell's capture_ns: clocks in sync) or "receipt" (clocks that are not)
     margin_us: float = 0.0  # time reserved for sending: late if it leaves later than deadline - margin
 
 
@@ -81,7 +85,8 @@ class DeadlineConfig:
 class EngineConfig:
     engine: str = "auto"
     precision: str = "auto"
-    threads: int = 0  # 0 = the engine's default (all cores)
+    threads: int = 0  # the engine's CPU threads in all; 0 = chosen for this machine (engines.cpu)
+    streams: int = 0  # OpenVINO: batches computed at once, one thread each by default; 0 = chosen for this machine
     warmup_runs: int = 3
     max_consecutive_failures: int = 3
 
@@ -310,9 +315,12 @@ def validate(config: StreamerConfig) -> None:
     need(batching.emit_queue_messages >= 1, f"[batching] emit_queue_messages must be at least 1, got {batching.emit_queue_messages}")
 
     need(config.deadline.budget_us >= 0, f"[deadline] budget_us must be >= 0 (0 = none), got {config.deadline.budget_us}")
+    need(config.deadline.budget_from in (CAPTURE, RECEIPT),
+         f"[deadline] budget_from must be \"{CAPTURE}\" or \"{RECEIPT}\", got {config.deadline.budget_from!r}")
     need(config.deadline.margin_us >= 0, f"[deadline] margin_us must be >= 0, got {config.deadline.margin_us}")
     engine = config.engine
-    need(engine.threads >= 0, f"[engine] threads must be >= 0 (0 = default), got {engine.threads}")
+    need(engine.threads >= 0, f"[engine] threads must be >= 0 (0 = chosen for this machine), got {engine.threads}")
+    need(engine.streams >= 0, f"[engine] streams must be >= 0 (0 = chosen for this machine), got {engine.streams}")
     need(engine.warmup_runs >= 1, f"[engine] warmup_runs must be at least 1, got {engine.warmup_runs}")
     need(engine.max_consecutive_failures >= 1,
          f"[engine] max_consecutive_failures must be at least 1, got {engine.max_consecutive_failures}")

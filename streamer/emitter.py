@@ -29,6 +29,7 @@ import zmq
 
 from streamer import codec
 from streamer import protocol as p
+from streamer.config import DeadlineConfig
 from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
@@ -46,7 +47,7 @@ class DecisionBlock:
 
     acquisition: str
     event_ids: np.ndarray  # uint64 [n]
-    arrival_ns: np.ndarray | int  # receipt, service clock: per cell or one for all
+    origin_ns: np.ndarray | int  # where latency starts, service clock: capture (receipt when later), per cell or one
     deadlines: np.ndarray | None  # service clock [n]; None: no deadline
     bundle: str
     policy: Policy | None = None  # names for label and gate columns
@@ -124,6 +125,10 @@ class Emitter(threading.Thread):
             self.idle.clear()
             self._cond.notify()
 
+    def reconfigure(self, deadline: DeadlineConfig) -> None:
+        """A reload's ``[deadline] margin_us`` (read per block by this thread: one assignment)."""
+        self.margin_ns = int(deadline.margin_us * 1000)
+
     def stop(self) -> None:
         """Send what is queued, then close the sockets (with linger) and end the thread."""
         with self._cond:
@@ -179,6 +184,12 @@ class Emitter(threading.Thread):
     def _decisions(self, block: DecisionBlock) -> None:
         n = len(block.event_ids)
         now = time.perf_counter_ns()
+        try:
+            self._send_decisions(block, n, now)
+        finally:
+            self.metrics.stages.add("emit", time.perf_counter_ns() - now)
+
+    def _send_decisions(self, block: DecisionBlock, n: int, now: int) -> None:
         columns = block.columns
         if columns is not None:
             gate = columns.gate
@@ -194,7 +205,7 @@ class Emitter(threading.Thread):
             late = np.full(n, block.late, bool)
             if not block.late and block.deadlines is not None:
                 late = block.deadlines < now + self.margin_ns
-        latency = np.maximum(now - np.asarray(block.arrival_ns, np.int64), 0)
+        latency = np.maximum(now - np.asarray(block.origin_ns, np.int64), 0)
         if latency.ndim == 0:
             latency = np.full(n, latency, np.int64)
         if columns is not None:
@@ -209,11 +220,10 @@ class Emitter(threading.Thread):
         else:
             label, probability, dead, dead_score = [""] * n, [NAN] * n, [False] * n, [NAN] * n
             gate_names, streams, error = [""] * n, [0] * n, [block.error] * n
-        payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, {
-            "event_ids": block.event_ids.tolist(), "label": label, "probability": probability, "dead": dead,
-            "dead_score": dead_score, "gate": gate_names, "stream": streams, "late": late.tolist(),
-            "latency_us": (latency // 1000).tolist(), "error": error,
-        })
+        payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, (
+            block.event_ids.tolist(), label, probability, dead, dead_score, gate_names, streams, late.tolist(),
+            (latency // 1000).tolist(), error,  # in DECISION_COLUMNS order
+        ))
         # Counted before sending: whoever holds a decision finds it in the metrics.
         self._account(block, gate, late, latency)
         self._send(payload, n)

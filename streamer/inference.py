@@ -1,8 +1,9 @@
 """The inference thread: forms batches with the :class:`~streamer.batcher.Batcher` and runs them.
 
-It keeps up to two batches in flight (the engines' ``submit``/``collect``
-double buffering): while the engine computes one batch with the GIL released,
-this thread can assemble and submit the next. Cells of a batch are copied
+It keeps up to the engine's ``depth`` batches in flight (the engines'
+``submit``/``collect`` double buffering, or one batch per OpenVINO stream):
+while the engine computes with the GIL released, this thread can assemble
+and submit the next. Cells of a batch are copied
 once, into the engine's input (a single-message batch is handed over as the
 received frame's view; a merged one is gathered into one preallocated
 buffer first). Results go through the policy as whole arrays and on to the
@@ -33,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import DEPTH
 from engines.preprocessing import fit_to_size
-from streamer.batcher import Batch, Batcher, Marker, Piece, Segment
+from streamer.batcher import Admission, Batch, Batcher, Marker, Piece, Segment
+from streamer.config import BatchingConfig
 from streamer.emitter import DecisionBlock, Emitter
 from streamer.ingest import error_block
 from streamer.metrics import Metrics
@@ -53,11 +54,12 @@ class Flight:
     batch: Batch
     model: Model | None  # None: nothing submitted (markers or expired cells only)
     event_ids: np.ndarray | None = None
-    arrivals: np.ndarray | None = None
+    origins: np.ndarray | None = None
     deadlines: np.ndarray | None = None
     capture_ns: np.ndarray | None = None  # only with --results
     acquisitions: list[tuple[str, int]] | None = None  # (acquisition, cells) runs in batch order
     submitted_ns: int = 0
+    finish_ns: int = 0  # when the engine should have it done (it may wait for batches ahead of it)
 
 
 class Dispatcher(threading.Thread):
@@ -82,8 +84,8 @@ class Dispatcher(threading.Thread):
         self._last_done = 0
         self._wake_at: int | None = None  # while the thread sleeps: when it wakes by itself
         self._ratelog = RateLimitedLog(log, reject_interval)
-        self._failed = metrics.cells_failed.labels(Reason.ENGINE_ERROR)
-        self._expired = metrics.cells_failed.labels(Reason.EXPIRED)
+        self._failed = metrics.cells_rejected.labels(Reason.ENGINE_ERROR)
+        self._expired = metrics.cells_rejected.labels(Reason.EXPIRED)
         self.on_swap: Any = None  # called with the new model after a swap (from this thread)
 
     @staticmethod
@@ -92,15 +94,17 @@ class Dispatcher(threading.Thread):
 
     # ------------------------------------------------------------------ other threads
 
-    def queue(self, segment: Segment) -> tuple[bool, list[Piece]]:
+    def queue(self, segments: list[Segment]) -> list[Admission]:
+        """Admit ``segments`` (cells read back to back) in one go: one lock, at most one wake-up."""
         with self.cond:
-            result = self.batcher.add(segment)
-            # Wake the thread only if it sleeps and this arrival brings its next batch forward.
-            if self._wake_at is not None:
-                due = self.batcher.due(time.perf_counter_ns())
+            now = time.perf_counter_ns()
+            admissions = [self.batcher.admit(segment, now) for segment in segments]
+            # Wake the thread only if it sleeps and these arrivals bring its next batch forward.
+            if self._wake_at is not None and any(a.queued for a in admissions):
+                due = self.batcher.due(now)
                 if due is not None and due < self._wake_at:
                     self.cond.notify()
-        return result
+        return admissions
 
     def queue_marker(self, marker: Marker) -> None:
         with self.cond:
@@ -116,6 +120,12 @@ class Dispatcher(threading.Thread):
             self._pending_swap = model
             self.cond.notify()
         return self._swapped.wait(timeout)
+
+    def reconfigure(self, batching: BatchingConfig, max_failures: int) -> None:
+        """A reload's ``[batching]`` and failure bound, taken between two batches."""
+        with self.cond:
+            self.batcher.configure(batching)
+            self.max_failures = max_failures
 
     def drain(self) -> None:
         """Run everything queued without waiting for company, then end the thread."""
@@ -150,7 +160,7 @@ class Dispatcher(threading.Thread):
                         break
                     now = time.perf_counter_ns()
                     due = None
-                    if len(self.inflight) < DEPTH and self._pending_swap is None:
+                    if len(self.inflight) < self.model.engine.depth and self._pending_swap is None:
                         backlog = self._backlog(now)
                         due = self.batcher.due(now, backlog)
                         if due is not None and due <= now:
@@ -180,15 +190,22 @@ class Dispatcher(threading.Thread):
                 for piece in failed.pieces:
                     self.emitter.post(error_block(piece, Reason.ENGINE_ERROR, self.model.bundle_hash))
                 self._pass_markers(failed)
+            # For the ingest thread's admission: when the engine can take another batch.
+            now = time.perf_counter_ns()
+            self.batcher.engine_free_ns = now + int(self._backlog(now))
 
     def _backlog(self, now: int) -> float:
-        """Engine time still ahead of a batch submitted now."""
-        if not self.inflight:
-            return 0.0
-        planner = self.batcher.planner
-        total = sum(planner.cost(f.batch.size) for f in self.inflight if f.model is not None)
-        started = next((f.submitted_ns for f in self.inflight if f.model is not None), now)
-        return max(0.0, total - (now - started))
+        """Engine time still ahead of a batch submitted now, before it can start."""
+        return max(0.0, self._start_time(now) - now)
+
+    def _start_time(self, now: int) -> int:
+        """When a batch submitted now would start: at once while one of the engine's parallel batches is free,
+        else when enough of those ahead of it have finished (one after another: when all have)."""
+        finishes = sorted(f.finish_ns for f in self.inflight if f.model is not None)
+        parallel = self.batcher.planner.parallel
+        if len(finishes) < parallel:
+            return now
+        return max(now, finishes[len(finishes) - parallel])
 
     def _swap(self, model: Model) -> None:
         old = self.model
@@ -216,15 +233,18 @@ class Dispatcher(threading.Thread):
                 else:
                     self._pass_markers(batch)
             return
+        began = time.perf_counter_ns()
         flight = Flight(batch, model)
         pieces = batch.pieces
+        self.metrics.stages.add("queue_wait", sum(p.count * (began - p.segment.arrival_ns) for p in pieces),
+                                batch.cells)
         shape = model.engine.input_shape
         keep = self.results_embedding is not None
         if len(pieces) == 1:
             piece = pieces[0]
             segment = piece.segment
             flight.event_ids = segment.event_ids[piece.index]
-            flight.arrivals = np.full(batch.cells, segment.arrival_ns, np.int64)
+            flight.origins = segment.origins[piece.index]
             flight.deadlines = segment.deadlines[piece.index]
             if keep:
                 flight.capture_ns = segment.capture_ns[piece.index]
@@ -234,11 +254,11 @@ class Dispatcher(threading.Thread):
             else:
                 cells = self._gather(pieces, batch.size, model)
         else:
-            ids, arrivals, deadlines, captures, runs = [], [], [], [], []
+            ids, origins, deadlines, captures, runs = [], [], [], [], []
             for piece in pieces:
                 segment, index, count = piece.segment, piece.index, piece.count
                 ids.append(segment.event_ids[index])
-                arrivals.append(np.full(count, segment.arrival_ns, np.int64))
+                origins.append(segment.origins[index])
                 deadlines.append(segment.deadlines[index])
                 if keep:
                     captures.append(segment.capture_ns[index])
@@ -247,13 +267,15 @@ class Dispatcher(threading.Thread):
                 else:
                     runs.append((segment.acquisition, count))
             flight.event_ids = np.concatenate(ids)
-            flight.arrivals = np.concatenate(arrivals)
+            flight.origins = np.concatenate(origins)
             flight.deadlines = np.concatenate(deadlines)
             if keep:
                 flight.capture_ns = np.concatenate(captures)
             flight.acquisitions = runs
             cells = self._gather(pieces, batch.size, model)
         flight.submitted_ns = time.perf_counter_ns()
+        flight.finish_ns = self._start_time(flight.submitted_ns) + int(model.planner.cost(batch.size))
+        self.metrics.stages.add("batch", flight.submitted_ns - began)
         try:
             model.engine.submit(cells)
         except Exception as exc:
@@ -285,6 +307,7 @@ class Dispatcher(threading.Thread):
         if model is None:
             self._pass_markers(batch)
             return
+        waiting = time.perf_counter_ns()
         try:
             outputs = model.engine.collect()
         except Exception as exc:
@@ -292,7 +315,10 @@ class Dispatcher(threading.Thread):
             self._pass_markers(batch)
             return
         done = time.perf_counter_ns()
-        elapsed = done - max(flight.submitted_ns, self._last_done)
+        self.metrics.stages.add("engine", done - waiting)
+        # One after another, a batch starts when the one before it ends; in parallel, when submitted.
+        started = flight.submitted_ns if model.planner.parallel > 1 else max(flight.submitted_ns, self._last_done)
+        elapsed = done - started
         self._last_done = done
         if self.batcher.planner is model.planner:
             model.planner.observe(batch.size, elapsed)
@@ -314,7 +340,7 @@ class Dispatcher(threading.Thread):
         for acquisition, count in flight.acquisitions:
             stop = start + count
             part = columns if count == n else type(columns)(*(c[start:stop] for c in columns))
-            block = DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
+            block = DecisionBlock(acquisition, flight.event_ids[start:stop], flight.origins[start:stop],
                                   flight.deadlines[start:stop], model.bundle_hash, model.policy, part)
             if probabilities is not None:
                 block.capture_ns = flight.capture_ns[start:stop]
@@ -323,6 +349,7 @@ class Dispatcher(threading.Thread):
             self.emitter.post(block)
             start = stop
         self._pass_markers(batch)
+        self.metrics.stages.add("policy", time.perf_counter_ns() - done)
 
     def _pass_markers(self, batch: Batch) -> None:
         for marker in batch.markers:
@@ -341,7 +368,7 @@ class Dispatcher(threading.Thread):
         start = 0
         for acquisition, count in flight.acquisitions or []:
             stop = start + count
-            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.arrivals[start:stop],
+            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.origins[start:stop],
                                             flight.deadlines[start:stop], flight.model.bundle_hash,
                                             error=Reason.ENGINE_ERROR))
             start = stop

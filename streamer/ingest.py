@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engines.preprocessing import fit_to_size
 from streamer import protocol as p
-from streamer.batcher import NEVER, Marker, Piece, Segment
+from streamer.batcher import NEVER, Admission, Marker, Piece, Segment
 from streamer.codec import Limits, decode_ingest
+from streamer.config import DeadlineConfig
 from streamer.emitter import DecisionBlock, Emitter, EndReport, Pong
 from streamer.metrics import Metrics
 from streamer.protocol import Reason, Rejected
@@ -34,7 +36,31 @@ from streamer.threadnames import INGEST, name_os_thread
 
 log = logging.getLogger(__name__)
 BURST = 512  # messages read per wakeup before looking at the monitor and the stop flag
+# Cells messages read back to back are admitted to the queue together (one lock, one wake-up of the inference
+# thread) once this many are pending or this long after the first, or when the socket has nothing more.
+ADMIT_MESSAGES, ADMIT_AFTER_NS = 64, 200_000
+MERGE_CELLS = 8  # messages of up to this many cells are merged into one segment per burst (copied once)
 MAX_DEADLINE = 1 << 62
+STALE_CAPTURE_NS = 1_000_000_000  # a capture stamp this far behind our clock says the clocks disagree
+
+
+@dataclass(slots=True)
+class Arrival:
+    """A cells message read and brought to the model's input, waiting to be admitted with its burst."""
+
+    acquisition: str
+    event_ids: np.ndarray
+    pixels: np.ndarray  # uint16 [N, C, S, S]
+    capture_ns: np.ndarray
+    deadline_ns: int | np.ndarray | None
+    received: int  # service clock
+    received_wall: int  # CLOCK_REALTIME
+
+    @property
+    def key(self) -> tuple[str, bool] | None:
+        """Arrivals with the same key can share a segment (every model input has the same shape); large
+        messages (None) keep their own, a view of the received frame, rather than being copied."""
+        return (self.acquisition, self.deadline_ns is None) if len(self.event_ids) <= MERGE_CELLS else None
 
 
 class InputAdapter:
@@ -85,8 +111,8 @@ class InputAdapter:
 
 class Ingest(threading.Thread):
     def __init__(self, socket: zmq.Socket, monitor: zmq.Socket | None, *, limits: Limits, adapter: InputAdapter,
-                 queue: Callable[[Segment], tuple[bool, list[Piece]]], queue_marker: Callable[[Marker], None],
-                 emitter: Emitter, metrics: Metrics, budget_ns: int, bundle_hash: Callable[[], str],
+                 queue: Callable[[list[Segment]], list[Admission]], queue_marker: Callable[[Marker], None],
+                 emitter: Emitter, metrics: Metrics, deadline: DeadlineConfig, bundle_hash: Callable[[], str],
                  status: Callable[[], dict[str, Any]], reject_interval: float, drain_s: float = 0.5,
                  recorder: AcquisitionWriter | None = None) -> None:
         super().__init__(name="flowsort-ingest", daemon=True)
@@ -98,7 +124,7 @@ class Ingest(threading.Thread):
         self.queue_marker = queue_marker
         self.emitter = emitter
         self.metrics = metrics
-        self.budget_ns = budget_ns
+        self.reconfigure(deadline)
         self.bundle_hash = bundle_hash
         self.status = status
         self.drain_s = drain_s
@@ -108,6 +134,14 @@ class Ingest(threading.Thread):
         self._ratelog = RateLimitedLog(log, reject_interval)
         self._received = {t: metrics.messages_received.labels(t) for t in p.INGEST_TYPES}
         self._cells = metrics.cells_received
+        self._waited = metrics.ingest_wait
+        self._pending: list[Arrival] = []  # read, not yet admitted
+        self._pending_since = 0
+
+    def reconfigure(self, deadline: DeadlineConfig) -> None:
+        """``[deadline]``'s budget and where it counts from (at start, and on a reload)."""
+        self.budget_ns = int(deadline.budget_us * 1000)
+        self.budget_from_capture = deadline.budget_from == "capture"
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -141,17 +175,30 @@ class Ingest(threading.Thread):
 
     def _read(self, limit: int) -> int:
         socket = self.socket
+        stages = self.metrics.stages
+        clock = time.perf_counter_ns
         count = 0
-        while count < limit and socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            # The header as bytes (small: a copy is cheapest), the pixel frame as a zero-copy zmq.Frame.
-            frames: list[Any] = [socket.recv()]
-            while socket.getsockopt(zmq.RCVMORE):
-                frames.append(socket.recv(copy=False))
-            count += 1
-            try:
-                self.handle(frames)
-            except Exception:  # bad input must never end the service
-                log.exception("unexpected error handling an ingest message")
+        try:
+            while count < limit:
+                began = clock()
+                try:
+                    # The header as bytes (small: a copy is cheapest), the pixel frame as a zero-copy zmq.Frame.
+                    frames: list[Any] = [socket.recv(zmq.NOBLOCK)]
+                except zmq.Again:
+                    break
+                while socket.getsockopt(zmq.RCVMORE):
+                    frames.append(socket.recv(copy=False))
+                stages.add("receive", clock() - began)
+                count += 1
+                try:
+                    self.handle(frames)
+                except Exception:  # bad input must never end the service
+                    log.exception("unexpected error handling an ingest message")
+                if self._pending and (len(self._pending) >= ADMIT_MESSAGES
+                                      or clock() - self._pending_since >= ADMIT_AFTER_NS):
+                    self._admit()
+        finally:
+            self._admit()
         return count
 
     def _monitor_events(self) -> None:
@@ -190,59 +237,127 @@ class Ingest(threading.Thread):
         except Rejected as rejected:
             self.reject(rejected, received, whole=True)
             return
+        decoded = time.perf_counter_ns()
+        self.metrics.stages.add("decode", decoded - received)
         kind = type(message)
         if kind is p.CellsMessage:
             self._received[p.CELLS].inc()
             self._cells.inc(message.count)
             try:
                 self._cells_message(message, received, received_wall)
+                self.metrics.stages.add("admit", time.perf_counter_ns() - decoded)
             except Rejected as rejected:
                 rejected.acquisition = rejected.acquisition or message.acquisition
                 rejected.event_ids = message.event_ids if rejected.event_ids is None else rejected.event_ids
                 self.reject(rejected, received, whole=True)
         elif kind is p.EndMessage:
             self._received[p.END].inc()
+            self._admit()  # the end follows every cell sent before it
             self.queue_marker(Marker(EndReport(message.acquisition, received_wall)))
         else:
             self._received[p.PING].inc()
             self.emitter.post(Pong(message.nonce, message.acquisition, received_wall, self.status()))
 
-    def _deadlines(self, message: p.CellsMessage, received: int, received_wall: int) -> tuple[np.ndarray, int]:
-        """Each cell's deadline on the service clock, and the earliest."""
-        n = message.count
-        if message.deadline_ns is None:
-            deadline = received + self.budget_ns if self.budget_ns else NEVER
-            return np.full(n, deadline, np.int64), deadline
-        if type(message.deadline_ns) is int:
-            deadline = min(max(message.deadline_ns, 0), MAX_DEADLINE) - received_wall + received
-            return np.full(n, deadline, np.int64), deadline
-        deadlines = np.clip(message.deadline_ns, 0, MAX_DEADLINE) - received_wall + received
-        return deadlines, int(deadlines.min())
+    def _times(self, capture: np.ndarray, deadline_ns: int | np.ndarray | None, received: Any,
+               received_wall: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's origin (capture on the service clock; receipt where the capture stamp is later, a clock
+        ahead of ours) and deadline (``deadline_ns``, else origin + the configured budget)."""
+        waited = received_wall - capture
+        np.maximum(waited, 0, out=waited)
+        self._waited.observe(waited / 1e9)
+        if waited[-1] > STALE_CAPTURE_NS:
+            self._ratelog.log(logging.WARNING, "stale-capture",
+                              "capture_ns is %.1f s behind this machine's clock: are the instrument's and this clock "
+                              "in sync (NTP/PTP)? Latency counts from capture; a budget counted from receipt needs "
+                              "[deadline] budget_from = \"receipt\"", waited[-1] / 1e9)
+        origins = received - waited
+        if deadline_ns is None:
+            if not self.budget_ns:
+                return origins, np.full(len(capture), NEVER, np.int64)
+            start = origins if self.budget_from_capture else np.broadcast_to(np.asarray(received, np.int64), origins.shape)
+            return origins, start + self.budget_ns
+        if type(deadline_ns) is int:
+            deadline = min(max(deadline_ns, 0), MAX_DEADLINE) - received_wall + received
+            return origins, np.broadcast_to(np.asarray(deadline, np.int64), capture.shape).copy()
+        return origins, np.clip(deadline_ns, 0, MAX_DEADLINE) - received_wall + received
 
     def _cells_message(self, message: p.CellsMessage, received: int, received_wall: int) -> None:
         pixels, bad = self.adapter.prepare(message)
-        ids, capture = message.event_ids, message.capture_ns
-        deadlines, earliest = self._deadlines(message, received, received_wall)
+        ids, capture, deadline = message.event_ids, message.capture_ns, message.deadline_ns
         if bad is not None:
             if bad.all():
                 raise Rejected(Reason.NON_FINITE, "every cell holds NaN or inf pixels")
             self.reject(Rejected(Reason.NON_FINITE, f"{int(bad.sum())} of {len(bad)} cells hold NaN or inf pixels",
                                  message.acquisition, ids[bad]), received, whole=False)
             good = ~bad
-            pixels, ids, capture, deadlines = pixels[good], ids[good], capture[good], deadlines[good]
-            earliest = int(deadlines.min())
-        segment = Segment(message.acquisition, ids, pixels, received, deadlines, min_deadline=earliest,
-                          capture_ns=capture)
-        accepted, dropped = self.queue(segment)
-        if dropped:
-            reason = Reason.OVERLOAD_DROPPED if accepted else Reason.OVERLOAD_REFUSED
-            cells = sum(piece.count for piece in dropped)
-            self.metrics.cells_dropped.labels(reason).inc(cells)
-            self._ratelog.log(logging.WARNING, reason, "overload: %s %d cells (acquisition %s, event ids %s)",
-                              "dropped the oldest" if accepted else "refused", cells, message.acquisition,
-                              describe_ids(ids))
-            for piece in dropped:
-                self.emitter.post(error_block(piece, reason, self.bundle_hash()))
+            pixels, ids, capture = pixels[good], ids[good], capture[good]
+            if isinstance(deadline, np.ndarray):
+                deadline = deadline[good]
+        if not self._pending:
+            self._pending_since = received
+        self._pending.append(Arrival(message.acquisition, ids, pixels, capture, deadline, received, received_wall))
+
+    def _segments(self, arrivals: list[Arrival]) -> list[Segment]:
+        """One segment per run of consecutive arrivals that can share one (same acquisition, image shape and
+        kind of deadline): what a burst of one-cell messages costs is then paid once per burst."""
+        segments: list[Segment] = []
+        run: list[Arrival] = []
+        for arrival in arrivals:
+            if run and (arrival.key is None or arrival.key != run[0].key):
+                segments.append(self._segment(run))
+                run = []
+            run.append(arrival)
+        if run:
+            segments.append(self._segment(run))
+        return segments
+
+    def _segment(self, run: list[Arrival]) -> Segment:
+        first = run[0]
+        if len(run) == 1:
+            ids, pixels, capture, deadline = first.event_ids, first.pixels, first.capture_ns, first.deadline_ns
+            received, received_wall = first.received, first.received_wall
+        else:
+            counts = [len(a.event_ids) for a in run]
+            ids = np.concatenate([a.event_ids for a in run])
+            pixels = np.concatenate([a.pixels for a in run])
+            capture = np.concatenate([a.capture_ns for a in run])
+            received = np.repeat(np.array([a.received for a in run], np.int64), counts)
+            received_wall = np.repeat(np.array([a.received_wall for a in run], np.int64), counts)
+            deadline = None if first.deadline_ns is None else np.concatenate(
+                [np.broadcast_to(np.asarray(a.deadline_ns, np.int64), (n,)) for a, n in zip(run, counts)])
+        origins, deadlines = self._times(capture, deadline, received, received_wall)
+        return Segment(first.acquisition, ids, pixels, first.received, deadlines, origins, capture_ns=capture)
+
+    def _admit(self) -> None:
+        """Queue the pending segments in one call; answer at once the cells that will not run."""
+        if not self._pending:
+            return
+        began = time.perf_counter_ns()
+        arrivals, self._pending = self._pending, []
+        admissions = self.queue(self._segments(arrivals))
+        self.metrics.stages.add("admit", time.perf_counter_ns() - began, 0)
+        for admission in admissions:
+            if not (admission.expired or admission.shed or admission.dropped):
+                continue
+            bundle = self.bundle_hash()
+            self._answer(admission.expired, Reason.EXPIRED, bundle, "deadline passed before receipt", late=True)
+            self._answer(admission.shed, Reason.OVERLOAD_REFUSED, bundle,
+                         "the queue ahead would make it miss its deadline")
+            reason = Reason.OVERLOAD_REFUSED if admission.refused else Reason.OVERLOAD_DROPPED
+            self._answer(admission.dropped, reason, bundle,
+                         "queue full: refused" if admission.refused else "queue full: dropped the oldest")
+
+    def _answer(self, pieces: list[Piece], reason: str, bundle: str, why: str, late: bool = False) -> None:
+        """Answer cells that will not run with ``reason``: counted, logged at a limited rate, sent at once."""
+        if not pieces:
+            return
+        cells = sum(piece.count for piece in pieces)
+        self.metrics.cells_rejected.labels(reason).inc(cells)
+        first = pieces[0]
+        self._ratelog.log(logging.WARNING, reason, "%s: %d cells (%s; acquisition %s, event ids %s)", reason, cells,
+                          why, first.segment.acquisition, describe_ids(first.segment.event_ids[first.index]))
+        for piece in pieces:
+            self.emitter.post(error_block(piece, reason, bundle, late=late))
 
     def reject(self, rejected: Rejected, received: int, whole: bool) -> None:
         ids = rejected.event_ids
@@ -259,5 +374,5 @@ class Ingest(threading.Thread):
 
 def error_block(piece: Piece, reason: str, bundle: str, late: bool = False) -> DecisionBlock:
     segment = piece.segment
-    return DecisionBlock(segment.acquisition, segment.event_ids[piece.index], segment.arrival_ns,
+    return DecisionBlock(segment.acquisition, segment.event_ids[piece.index], segment.origins[piece.index],
                          segment.deadlines[piece.index], bundle, error=reason, late=late)

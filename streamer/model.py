@@ -34,6 +34,8 @@ def default_engine(bundle: Bundle, config: StreamerConfig) -> Engine:
     options: dict[str, Any] = {}
     if config.engine.threads:
         options["threads"] = config.engine.threads
+    if config.engine.streams:
+        options["streams"] = config.engine.streams
     return engines.load(bundle, engine=config.engine.engine, precision=config.engine.precision,
                         max_batch=config.batching.max_batch, **options)
 
@@ -84,7 +86,7 @@ def profile(engine: Engine, cells: np.ndarray, sizes: tuple[int, ...], runs: int
         for _ in range(runs):
             engine.infer(batch)
         laps = []
-        for _ in range(max(3, runs)):
+        for _ in range(max(7, runs)):  # a median of several: one preempted call must not set the plan
             start = time.perf_counter_ns()
             engine.infer(batch)
             laps.append(time.perf_counter_ns() - start)
@@ -107,9 +109,10 @@ def build_model(bundle_path: str | Path | Bundle, config: StreamerConfig,
     except BaseException:
         engine.close()
         raise
-    planner = Planner(sizes, costs)
+    planner = Planner(sizes, costs, parallel=engine.parallel)
     description = {**engine.describe(), "bundle": str(bundle.path)}
-    log.info("engine %s %s ready in %.1f s; batch times %s", engine.name, engine.precision,
-             time.perf_counter() - started,
-             ", ".join(f"{s}: {c / 1e3:.0f} us" for s, c in sorted(costs.items())))
+    threading = f", {description['threading']}" if "threading" in description else ""
+    log.info("engine %s %s ready in %.1f s%s; batch times %s; ceiling about %.0f cells/s", engine.name,
+             engine.precision, time.perf_counter() - started, threading,
+             ", ".join(f"{s}: {c / 1e3:.0f} us" for s, c in sorted(costs.items())), planner.ceiling())
     return Model(bundle, engine, policy, planner, description)

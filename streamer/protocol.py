@@ -61,6 +61,7 @@ RECEIVED_NS = "received_ns"
 READY = "ready"
 QUEUE_DEPTH = "queue_depth"
 ENGINE = "engine"
+ENDPOINTS = "endpoints"
 REPORT = "report"
 
 # Decision columns: each an array of `count` values.
@@ -73,7 +74,7 @@ DECISION_COLUMNS = (
     "gate",  # str: the sort gate, "" for no-sort
     "stream",  # int: the gate's sorter stream, 0 for no-sort
     "late",  # bool: the decision left after the cell's deadline (never sorted)
-    "latency_us",  # int: receipt to send, microseconds
+    "latency_us",  # int: capture (receipt where capture is later) to send, microseconds
     "error",  # str: "" or the reason the cell could not be classified
 )
 

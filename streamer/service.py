@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from flowsort.errors import UserError
+from streamer import protocol as p
 from streamer.batcher import Batcher
 from streamer.config import StreamerConfig, load_config
 from streamer.emitter import Emitter
@@ -127,6 +128,9 @@ class Service:
         log.info("worker %s serving %s: ingest %s (%s), push %s, pub %s, health %s", self.worker, self.bundle_path,
                  self.endpoints["ingest"], config.ingest.mode, self.endpoints.get("push", "off"),
                  self.endpoints.get("pub", "off"), self.endpoints["health"])
+        log.info("the model takes channels %s at %dx%d (any order, extra channels ignored, other sizes cropped or "
+                 "padded); classes %s", list(self.model.channels), self.model.input_size, self.model.input_size,
+                 ", ".join(self.model.bundle.class_names))
         return self
 
     def _start(self, config: StreamerConfig) -> None:
@@ -172,11 +176,9 @@ class Service:
             self.results.start()
             self.endpoints["results"] = self.results_path
 
-        margin_ns = int(config.deadline.margin_us * 1000)
-        self.emitter = Emitter(outputs, self.metrics, self.worker, margin_ns, config.batching.emit_queue_messages,
-                               results=self.results)
-        batcher = Batcher(model.planner, int(config.batching.max_delay_us * 1000), config.batching.queue_cells,
-                          config.batching.overload, config.batching.adaptive_delay)
+        self.emitter = Emitter(outputs, self.metrics, self.worker, int(config.deadline.margin_us * 1000),
+                               config.batching.emit_queue_messages, results=self.results)
+        batcher = Batcher.from_config(model.planner, config.batching)
         self.dispatcher = Dispatcher(model, batcher, self.emitter, self.metrics,
                                      config.engine.max_consecutive_failures, config.logging.reject_interval_s,
                                      results_embedding=self.results.embedding if self.results else None)
@@ -185,7 +187,7 @@ class Service:
         self.ingest = Ingest(
             ingest_socket, monitor, limits=limits, adapter=InputAdapter(model.channels, model.input_size, self.metrics),
             queue=self.dispatcher.queue, queue_marker=self.dispatcher.queue_marker, emitter=self.emitter,
-            metrics=self.metrics, budget_ns=int(config.deadline.budget_us * 1000),
+            metrics=self.metrics, deadline=config.deadline,
             bundle_hash=lambda: self.model.bundle_hash, status=self.status,
             reject_interval=config.logging.reject_interval_s, recorder=self.recorder,
         )
@@ -240,12 +242,12 @@ class Service:
     def status(self) -> dict[str, Any]:
         model = self.model
         return {
-            "worker": self.worker,
-            "ready": self.started and not self.stopping and not (self.dispatcher and self.dispatcher.failing),
-            "queue_depth": self.dispatcher.queued() if self.dispatcher else 0,
-            "engine": f"{model.engine.name} {model.engine.precision}" if model else "",
-            "bundle": model.bundle_hash if model else "",
-            "endpoints": dict(self.endpoints),
+            p.WORKER: self.worker,
+            p.READY: self.started and not self.stopping and not (self.dispatcher and self.dispatcher.failing),
+            p.QUEUE_DEPTH: self.dispatcher.queued() if self.dispatcher else 0,
+            p.ENGINE: f"{model.engine.name} {model.engine.precision}" if model else "",
+            p.BUNDLE: model.bundle_hash if model else "",
+            p.ENDPOINTS: dict(self.endpoints),
         }
 
     # ------------------------------------------------------------------ requests (from any thread or a signal handler)
@@ -299,21 +301,14 @@ class Service:
                     model.close()
                     raise UserError(f"the new bundle takes channels {list(model.channels)}, the running one "
                                     f"{list(current.channels)}: restart the service to change channels")
-                batching = config.batching
-                with self.dispatcher.cond:
-                    batcher = self.dispatcher.batcher
-                    batcher.max_delay_ns = int(batching.max_delay_us * 1000)
-                    batcher.capacity = batching.queue_cells
-                    batcher.overload = batching.overload
-                    batcher.adaptive_delay = batching.adaptive_delay
-                    self.dispatcher.max_failures = config.engine.max_consecutive_failures
+                self.dispatcher.reconfigure(config.batching, config.engine.max_consecutive_failures)
                 if not self.dispatcher.swap(model):
                     model.close()
                     log.warning("reload abandoned: the service is stopping")
                     return False
-                self.ingest.budget_ns = int(config.deadline.budget_us * 1000)
-                self.emitter.margin_ns = int(config.deadline.margin_us * 1000)
-                self.metrics.queue_capacity.set(batching.queue_cells)
+                self.ingest.reconfigure(config.deadline)
+                self.emitter.reconfigure(config.deadline)
+                self.metrics.queue_capacity.set(config.batching.queue_cells)
                 self.config = config
             except Exception as exc:
                 self.metrics.reloads.labels("failed").inc()

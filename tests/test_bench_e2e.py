@@ -70,7 +70,8 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
     assert sustained, [lvl["reason"] for lvl in result["levels"]]
     assert result["max_sustained_cells_per_s"] == max(sustained)
     ceiling = result["engine_ceiling"]
-    assert ceiling["batch"] == 64 and ceiling["throughput_cells_per_s"] > 0
+    rates = ceiling["throughput_by_batch"]
+    assert ceiling["throughput_cells_per_s"] == max(rates.values()) == rates[str(ceiling["batch"])] > 0
     assert result["ceiling_ratio"] == pytest.approx(max(sustained) / ceiling["throughput_cells_per_s"])
     # the streamer's CPU split by its named threads adds up to the process's
     runs = [*result["levels"], result["target_run"]]
@@ -87,7 +88,7 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
     target_check = next(c for c in report["checks"] if c["check"].startswith("200 cells/s for 1 s, 40 ms deadline"))
     assert target_check["ok"] == target["ok"] == (target["dropped"] == 0 and target["late"] == 0 and not target["errors"]
                                                   and target["latency_ms"]["p99"] <= 5)
-    assert {c["check"] for c in report["checks"]} >= {"max sustained >= 85% of the engine ceiling"}
-    assert report["machine"]["cpus"] and report["date"]
+    assert {c["check"] for c in report["checks"]} >= {"max sustained >= 80% of the engine ceiling"}
+    assert report["machine"]["cores"] and report["machine"]["cpu_model"] and report["date"]
     html = (out / "e2e.html").read_text()
     assert html.count("<img") >= 2 and "max sustained" in html

@@ -70,7 +70,7 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
     assert named <= exported, f"not exported by the streamer: {sorted(named - exported)}"
     # What the issue asks the dashboard to show.
     for wanted in ("flowsort_cells_received_total", "flowsort_decision_latency_seconds_bucket",
-                   "flowsort_cells_late_total", "flowsort_cells_dropped_total", "flowsort_cells_decided_total",
+                   "flowsort_cells_late_total", "flowsort_cells_rejected_total", "flowsort_cells_decided_total",
                    "flowsort_cells_dead_total", "flowsort_cells_sorted_total", "flowsort_engine_info"):
         assert wanted in named, f"the dashboard does not show {wanted}"
     assert any("histogram_quantile(0.99" in e for e in exprs)

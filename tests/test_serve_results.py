@@ -203,7 +203,8 @@ def serve_and_capture(quick_bundle: Path, cells: np.ndarray, **kwargs) -> tuple[
     """Run 40 cells through an in-process service; the DecisionBlocks its emitter was handed."""
     from streamer.client import Receiver, Sender
 
-    config = make_config(pub={"endpoint": ""}, deadline={"budget_us": 60_000_000.0}, gates=GATES[:1])
+    config = make_config(pub={"endpoint": ""}, deadline={"budget_us": 60_000_000.0, "budget_from": "receipt"},
+                         gates=GATES[:1])
     service = Service(quick_bundle, config, **kwargs).start()
     blocks: list[DecisionBlock] = []
     post = service.emitter.post

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.batcher import NEVER, Batcher, Marker, Planner, Segment
+from streamer.batcher import ADMISSION_SAFETY, LEAD_NS, NEVER, Batcher, Marker, Planner, Segment
 
 US = 1_000
 MS = 1_000_000
@@ -20,7 +20,7 @@ def segment(first_id: int, n: int, arrival: int, deadline: int | list[int] = NEV
     ids = np.arange(first_id, first_id + n, dtype=np.uint64)
     pixels = np.full((n, 2, 4, 4), first_id, np.uint16)
     deadlines = np.broadcast_to(np.asarray(deadline, np.int64), (n,)).copy()
-    return Segment(acq, ids, pixels, arrival, deadlines)
+    return Segment(acq, ids, pixels, arrival, deadlines, np.full(n, arrival, np.int64))
 
 
 def batcher(max_delay=1 * MS, capacity=64, overload="drop_oldest", costs=None) -> Batcher:
@@ -161,9 +161,11 @@ def test_draining_runs_everything_now() -> None:
 
 def test_overload_drop_oldest_keeps_the_bound() -> None:
     b = batcher(capacity=10)
-    assert b.add(segment(0, 6, arrival=0)) == (True, [])
-    accepted, dropped = b.add(segment(6, 6, arrival=1))
-    assert accepted and len(b) == 10
+    first = b.add(segment(0, 6, arrival=0))
+    assert first.queued and not first.dropped
+    admission = b.add(segment(6, 6, arrival=1))
+    dropped = admission.dropped
+    assert admission.queued and not admission.refused and len(b) == 10
     assert [int(i) for piece in dropped for i in piece.segment.event_ids[piece.index]] == [0, 1]
     taken = []
     while len(b):
@@ -174,9 +176,9 @@ def test_overload_drop_oldest_keeps_the_bound() -> None:
 def test_overload_refuse_turns_the_new_message_away() -> None:
     b = batcher(capacity=10, overload="refuse")
     b.add(segment(0, 6, arrival=0))
-    accepted, refused = b.add(segment(6, 6, arrival=1))
-    assert not accepted and len(b) == 6
-    assert [int(i) for piece in refused for i in piece.segment.event_ids[piece.index]] == list(range(6, 12))
+    admission = b.add(segment(6, 6, arrival=1))
+    assert not admission.queued and admission.refused and len(b) == 6
+    assert [int(i) for piece in admission.dropped for i in piece.segment.event_ids[piece.index]] == list(range(6, 12))
 
 
 def test_queue_never_exceeds_capacity_under_any_arrivals() -> None:
@@ -185,9 +187,10 @@ def test_queue_never_exceeds_capacity_under_any_arrivals() -> None:
     now, next_id, answered = 0, 0, 0
     for _ in range(2000):
         n = int(rng.integers(1, 12))
-        _, dropped = b.add(segment(next_id, n, arrival=now, deadline=now + 3 * MS))
+        admission = b.admit(segment(next_id, n, arrival=now, deadline=now + 3 * MS), now)
         next_id += n
-        answered += sum(piece.count for piece in dropped)
+        answered += sum(piece.count for pieces in (admission.dropped, admission.expired, admission.shed)
+                        for piece in pieces)
         assert len(b) <= 50
         now += int(rng.integers(0, 200 * US))
         due = b.due(now)
@@ -204,3 +207,35 @@ def test_queue_never_exceeds_capacity_under_any_arrivals() -> None:
 def test_bad_overload_name() -> None:
     with pytest.raises(ValueError):
         Batcher(Planner(SIZES), 0, 10, "panic")
+
+
+def ids_in(pieces) -> list[int]:
+    return [int(i) for piece in pieces for i in piece.segment.event_ids[piece.index]]
+
+
+def test_admission_answers_at_once_the_cells_that_cannot_make_their_deadline() -> None:
+    costs = {1: 400 * US, 2: 760 * US, 4: 1400 * US, 8: 2600 * US}
+    b = batcher(costs=costs, capacity=1000)
+    # Arrived with its deadline already past: expired at the door, never queued.
+    gone = b.admit(segment(0, 1, arrival=0, deadline=-1), 0)
+    assert not gone.queued and ids_in(gone.expired) == [0] and len(b) == 0
+    # 16 cells due in 1.5 ms on an idle engine: with the admission's margin (15% and 0.1 ms) the first 3 can be
+    # decided by then (batches of 2 and 1: 1.16 ms of work), not 4 (1.4 ms), nor the rest.
+    part = b.admit(segment(10, 16, arrival=0, deadline=1500 * US), 0)
+    assert part.queued and ids_in(part.shed) == list(range(13, 26)) and len(b) == 3
+    # Behind those 3 and an engine busy for 1 more ms, a cell due in 2 ms cannot make it ...
+    b.engine_free_ns = 1 * MS
+    assert ids_in(b.admit(segment(30, 1, arrival=0, deadline=2 * MS), 0).shed) == [30]
+    # ... one due in 5 ms can, and cells without a deadline are never shed.
+    assert b.admit(segment(31, 1, arrival=0, deadline=5 * MS), 0).queued
+    assert b.admit(segment(32, 50, arrival=0), 0).queued and len(b) == 54
+
+
+def test_parallel_engine_drains_the_queue_faster_but_each_batch_takes_its_time() -> None:
+    costs = {1: 400 * US, 2: 760 * US, 4: 1400 * US, 8: 2600 * US}
+    serial, parallel = Planner(SIZES, costs), Planner(SIZES, costs, parallel=2)
+    assert parallel.ceiling() == pytest.approx(2 * serial.ceiling())
+    assert parallel.drain_ns(np.array([16]))[0] == pytest.approx(serial.drain_ns(np.array([16]))[0] / 2)
+    b = Batcher(parallel, 0, 100)
+    # One cell on an idle two-stream engine: decided after one batch of 1 (with the margin), not half of one.
+    assert b.finish_estimates(1, 0)[0] == pytest.approx(ADMISSION_SAFETY * 400 * US + LEAD_NS)

@@ -142,11 +142,12 @@ def test_float_and_uint8_are_accepted_as_declared() -> None:
 
 def test_decisions_encode_and_decode() -> None:
     nan = float("nan")
-    payload = codec.encode_decisions("w1", 5, "acq", "abc", {
+    columns = {
         "event_ids": [1, 2], "label": ["G1", ""], "probability": [0.75, nan], "dead": [False, False],
         "dead_score": [1.5, nan], "gate": ["g", ""], "stream": [2, 0], "late": [False, True],
         "latency_us": [120, 80], "error": ["", "bad_dtype"],
-    })
+    }
+    payload = codec.encode_decisions("w1", 5, "acq", "abc", [columns[name] for name in p.DECISION_COLUMNS])
     raw = msgpack.unpackb(payload, raw=False)
     assert set(p.DECISION_COLUMNS) <= set(raw) and raw["count"] == 2 and raw["type"] == "decisions"
     decoded = codec.decode_output([payload])
@@ -155,7 +156,29 @@ def test_decisions_encode_and_decode() -> None:
     assert decoded.label == ["G1", ""] and decoded.gate == ["g", ""] and decoded.error == ["", "bad_dtype"]
     assert decoded.probability[0] == pytest.approx(0.75) and math.isnan(decoded.probability[1])
     assert list(decoded.late) == [False, True] and list(decoded.stream) == [2, 0]
+    with pytest.raises(ValueError, match="columns"):
+        codec.encode_decisions("w1", 6, "acq", "abc", [[1]])
 
+
+def test_one_cells_header_builder_for_the_encoder_and_templates() -> None:
+    """CellsEncoder's messages and the bench's patchable templates come from cells_header, and decode as sent."""
+    pixels = np.arange(2 * 2 * 4 * 4, dtype=np.uint16).reshape(2, 2, 4, 4)
+    encoder = codec.CellsEncoder("acq", [3, 6], 4)
+    first = codec.decode_ingest(encoder.encode([7, 8], pixels, capture_ns=[100, 200], deadline_ns=300))
+    second = codec.decode_ingest(encoder.encode([9, 10], pixels, capture_ns=[400, 500]))  # same size, no deadline
+    assert list(first.event_ids) == [7, 8] and list(first.capture_ns) == [100, 200]
+    assert list(first.deadline_ns) == [300, 300] and second.deadline_ns is None and list(second.event_ids) == [9, 10]
+    inner = codec.HeaderBuilder()
+    inner.add("note", "x")
+    inner.add_column("flag", np.dtype("u1"), 2, "x_flag")
+    header, views = codec.cells_header("acq", [3, 6], (2, 2, 4, 4), deadline=True, maps={"x_extra": inner})
+    views[p.EVENT_IDS][:] = [1, 2]
+    views[p.CAPTURE_NS][:] = [5, 6]
+    views[p.DEADLINE_NS][:] = [9, 9]
+    views["x_flag"][:] = [1, 0]
+    message = codec.decode_ingest([bytes(header), pixels.tobytes()])
+    assert list(message.event_ids) == [1, 2] and list(message.deadline_ns) == [9, 9]
+    assert msgpack.unpackb(bytes(header), raw=False)["x_extra"] == {"note": "x", "flag": b"\x01\x00"}
 
 def test_output_of_unknown_version_is_refused() -> None:
     with pytest.raises(ValueError, match="version"):

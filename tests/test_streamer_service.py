@@ -195,6 +195,8 @@ def test_emitter_marks_late_at_send_time() -> None:
         port = push.bind_to_random_port("tcp://127.0.0.1")
         pull = context.socket(zmq.PULL)
         pull.connect(f"tcp://127.0.0.1:{port}")
+        push.send(b"probe")  # blocks until the consumer is connected, so the emitter's NOBLOCK send finds it
+        assert pull.recv() == b"probe"
         emitter = Emitter({"push": push}, Metrics(), "w", margin_ns=0, capacity=10)
         policy = Policy(("A", "B"), make_config(gates=[{"name": "a", "classes": ["A"], "min_probability": 0.1}]).gates, 5.0)
         columns = policy.decide(np.array([[0.9, 0.1], [0.9, 0.1]], np.float32), np.zeros(2, np.float32))
@@ -283,6 +285,12 @@ def test_no_cells(served: Harness) -> None:
 def test_absurd_n(served: Harness) -> None:
     ids = new_ids(2)
     bad(served, pack(header(ids, shape=[2**40, 2, 32, 32]), PIXELS_2), Reason.TOO_MANY_CELLS, ids)
+
+
+def test_one_cell_over_the_limit_is_answered_for_every_readable_id(served: Harness) -> None:
+    limit = served.service.config.ingest.max_cells_per_message
+    ids = new_ids(limit + 1)
+    bad(served, pack(header(ids, shape=[limit + 1, 2, 32, 32]), b""), Reason.TOO_MANY_CELLS, ids)
 
 
 def test_oversized_message_is_answered(served: Harness) -> None:
@@ -399,7 +407,7 @@ def test_engine_failure_answers_the_batch_and_repeated_failures_make_not_ready(s
     after = served.metrics()
     # The batcher may run a 2-cell message as one batch or as two, so 3 to 6 failed batches; every cell is answered.
     assert 3 <= delta(after, before, "flowsort_engine_failures_total") <= 6
-    assert delta(after, before, f'flowsort_cells_failed_total{{reason="{Reason.ENGINE_ERROR}"}}') == 6
+    assert delta(after, before, f'flowsort_cells_rejected_total{{reason="{Reason.ENGINE_ERROR}"}}') == 6
 
 
 def test_an_unexpected_error_costs_one_batch_not_the_service(served: Harness, cells: np.ndarray) -> None:
@@ -462,7 +470,7 @@ def test_overload_drop_oldest_answers_every_cell(overloaded: Harness, cells: np.
     assert errors[Reason.OVERLOAD_DROPPED] > 0 and errors[""] > 0
     assert set(errors) <= {"", Reason.OVERLOAD_DROPPED}
     after = overloaded.metrics()
-    dropped = delta(after, before, f'flowsort_cells_dropped_total{{reason="{Reason.OVERLOAD_DROPPED}"}}')
+    dropped = delta(after, before, f'flowsort_cells_rejected_total{{reason="{Reason.OVERLOAD_DROPPED}"}}')
     assert dropped == errors[Reason.OVERLOAD_DROPPED]
     assert after["flowsort_queue_depth"] <= 64
 

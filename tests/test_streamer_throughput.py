@@ -1,0 +1,188 @@
+"""What keeps the service at its engine's speed: admission at the door, latency from capture, thread layout.
+
+Real sockets on loopback and a real bundle; the overload tests use an engine
+double that takes a fixed time per batch, so what the service can decide in
+time is known exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.overhead import NullEngine
+from engines.cpu import MAX_STREAMS, choose_threading
+from engines.base import Outputs
+from streamer.client import Receiver, Sender
+from streamer.protocol import Reason
+from streamer.service import Service
+from streamer.testing import make_config, metrics
+
+CHANNELS = (3, 6)
+PROTOCOL_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+BATCH_S = 0.010
+
+
+class SlowEngine(NullEngine):
+    """Computes each batch, of any size, for BATCH_S from its submission (after the batch before it, one at a
+    time), as an asynchronous engine does: a ceiling of max_batch / BATCH_S cells/s."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self._free = 0.0
+        self._done = [0.0] * self.depth
+
+    def _start(self, slot: int, cells: np.ndarray, n: int) -> None:
+        self._free = self._done[slot] = max(time.monotonic(), self._free) + BATCH_S
+
+    def _finish(self, slot: int, n: int) -> Outputs:
+        time.sleep(max(0.0, self._done[slot] - time.monotonic()))
+        return super()._finish(slot, n)
+
+
+@pytest.fixture(scope="module")
+def cells() -> np.ndarray:
+    from trainer.synthetic import generate
+
+    return generate(64, seed=4, size=32).images
+
+
+def start(bundle: Path, engine: type | None = None, **sections: object) -> tuple[Service, Sender, Receiver]:
+    factory = None if engine is None else (lambda b, c: engine(b, c.batching.max_batch))
+    service = Service(bundle, make_config(pub={"endpoint": ""}, **sections), engine_factory=factory).start()
+    sender, receiver = Sender(service.endpoints["ingest"]), Receiver(service.endpoints["push"])
+    for nonce in range(200):
+        sender.ping(nonce)
+        if receiver.wait_other("pong", 0.05, nonce=nonce):
+            return service, sender, receiver
+    raise TimeoutError("the decision socket never connected")
+
+
+def stop(service: Service, sender: Sender, receiver: Receiver) -> None:
+    sender.close(linger=0)
+    receiver.close()
+    service.stop()
+
+
+def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: Path, cells: np.ndarray) -> None:
+    """Offered far more than the engine can decide by the deadline: the excess is refused at once, the rest is
+    decided in time, every cell is answered, and the counters say so."""
+    service, sender, receiver = start(quick_bundle, SlowEngine, batching={"batch_sizes": [1, 2, 4, 8]})
+    try:
+        ids = np.arange(1, 401, dtype=np.uint64)
+        deadline = time.time_ns() + 200_000_000  # 200 ms: about 17 batches of 8 fit with the margin, 400 cells do not
+        for i in ids:
+            sender.cells("flood", [i], cells[int(i) % len(cells)], CHANNELS, deadline_ns=deadline)
+        assert receiver.wait_for(ids.tolist(), 20)
+        rows = [receiver.rows[int(i)] for i in ids]
+        refused = [r for r in rows if r["error"] == Reason.OVERLOAD_REFUSED]
+        decided = [r for r in rows if r["error"] == ""]
+        assert len(refused) + len(decided) + sum(r["error"] == Reason.EXPIRED for r in rows) == len(ids)
+        assert len(decided) >= 100 and len(refused) >= 200, (len(decided), len(refused))
+        late = [r for r in decided if r["late"]]
+        # Admission plans with a margin; on a busy machine a thread woken late can still make a few cells late,
+        # and those are never sorted.
+        assert len(late) <= 0.05 * len(decided), [r["latency_us"] for r in late]
+        assert not any(r["stream"] for r in late) and not any(r["stream"] for r in refused)
+        scraped = metrics(service.endpoints["health"])
+        assert scraped[f'flowsort_cells_rejected_total{{reason="{Reason.OVERLOAD_REFUSED}"}}'] == len(refused)
+        assert scraped.get("flowsort_cells_late_total", 0) == sum(r["late"] for r in rows)
+        assert scraped["flowsort_queue_depth"] == 0
+    finally:
+        stop(service, sender, receiver)
+
+
+def test_latency_starts_at_capture_and_the_wait_before_receipt_is_measured(quick_bundle: Path,
+                                                                          cells: np.ndarray) -> None:
+    service, sender, receiver = start(quick_bundle, deadline={"budget_us": 5_000_000.0})
+    try:
+        captured = time.time_ns() - 40_000_000  # the cell waited 40 ms before it was sent
+        sender.cells("old", [7], cells[0], CHANNELS, capture_ns=captured)
+        assert receiver.wait_for([7], 10)
+        assert receiver.rows[7]["error"] == "" and receiver.rows[7]["latency_us"] >= 40_000
+        scraped = metrics(service.endpoints["health"])
+        assert scraped["flowsort_ingest_wait_seconds_sum"] >= 0.04
+        assert scraped["flowsort_ingest_wait_seconds_count"] == 1
+        assert scraped["flowsort_decision_latency_seconds_sum"] >= 0.04
+        assert scraped['flowsort_stage_calls_total{stage="decode"}'] >= 1
+        assert scraped['flowsort_stage_seconds_total{stage="engine"}'] > 0
+    finally:
+        stop(service, sender, receiver)
+
+
+@pytest.mark.parametrize("budget_from, error", [("capture", Reason.EXPIRED), ("receipt", "")])
+def test_the_budget_counts_from_capture_unless_configured(quick_bundle: Path, cells: np.ndarray, budget_from: str,
+                                                          error: str) -> None:
+    service, sender, receiver = start(quick_bundle, deadline={"budget_us": 20_000.0, "budget_from": budget_from})
+    try:
+        sender.cells("stale", [9], cells[0], CHANNELS, capture_ns=time.time_ns() - 50_000_000)  # 50 ms old
+        assert receiver.wait_for([9], 10)
+        assert receiver.rows[9]["error"] == error and receiver.rows[9]["late"] == (error == Reason.EXPIRED)
+    finally:
+        stop(service, sender, receiver)
+
+
+def test_threading_is_chosen_for_the_cores_and_can_be_set() -> None:
+    assert (lambda t: (t.streams, t.threads_per_stream))(choose_threading(cores=1)) == (1, 1)
+    assert (lambda t: (t.streams, t.threads_per_stream))(choose_threading(cores=2)) == (2, 1)
+    # more cores: one is left to the service's own threads
+    assert choose_threading(cores=4).threads == 3 and choose_threading(cores=4).streams == 3
+    assert choose_threading(cores=16).streams == MAX_STREAMS and choose_threading(cores=16).threads == 12
+    assert choose_threading(streams=1, cores=2).threads == 2 and choose_threading(streams=1, cores=2).streams == 1
+    assert choose_threading(threads=1, cores=8).streams == 1
+    set_both = choose_threading(streams=2, threads=4, cores=2)
+    assert (set_both.streams, set_both.threads_per_stream, set_both.chosen) == (2, 2, "set")
+    with pytest.raises(ValueError):
+        choose_threading(streams=-1)
+
+
+def test_the_service_runs_the_engine_as_configured_and_says_so(quick_bundle: Path) -> None:
+    pytest.importorskip("openvino")
+    service = Service(quick_bundle, make_config(engine={"engine": "openvino", "streams": 1, "threads": 1},
+                                                pub={"endpoint": ""})).start()
+    try:
+        engine = service.model.engine
+        assert engine.parallel == 1 and service.model.planner.parallel == 1
+        described = service.model.description
+        assert (described["streams"], described["threads"]) == (1, 1) and "(set)" in described["threading"]
+    finally:
+        service.stop()
+
+
+def test_every_metric_protocol_md_names_is_exported(quick_bundle: Path, cells: np.ndarray) -> None:
+    """docs/protocol.md is the contract: every flowsort_* name it gives must be on /metrics."""
+    named = set(re.findall(r"\bflowsort_[a-z_]+[a-z]", PROTOCOL_DOC.read_text()))
+    assert len(named) >= 10
+    from streamer.testing import get
+
+    service, sender, receiver = start(quick_bundle)
+    try:
+        sender.cells("doc", [1], cells[0], CHANNELS)
+        assert receiver.wait_for([1], 10)
+        status, text = get(service.endpoints["health"] + "/metrics")
+    finally:
+        stop(service, sender, receiver)
+    assert status == 200
+    # Every family is declared, labelled ones before their first sample too.
+    families = set(re.findall(r"^# TYPE (flowsort_\w+) ", text, re.MULTILINE))
+    missing = sorted(name for name in named if name not in families)
+    assert not missing, f"protocol.md names metrics the service does not export: {missing}"
+
+
+def test_overhead_bench_runs_the_service_path_with_a_no_work_engine(quick_bundle: Path, tmp_path: Path) -> None:
+    import json
+
+    from flowsort.cli import main
+
+    assert main(["bench", "overhead", str(quick_bundle), "--messages", "3000", "--cells", "3000",
+                 "--cells-per-message", "1,16", "-o", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert [row["cells_per_message"] for row in report["rows"]] == [1, 16]
+    for row in report["rows"]:
+        assert row["cells_decided"] == row["cells_sent"] > 0 and row["errors"] == 0
+        assert row["messages_per_s"] > 0 and row["stage_us_per_message"]["decode"] > 0
+    assert report["machine"]["cpu_model"] and (tmp_path / "overhead.png").stat().st_size > 0
