@@ -176,6 +176,7 @@ class Sweep:
         model = link.model
         summary = summarize(record, link.gates, model.class_names, model.merges)
         summary.update(cpu_use(streamer_cpu, link.streamer_cpu_s(), record.wall_s))
+        summary["streamer_memory_mb"] = link.streamer_rss_mb()
         summary["offered_target"] = rate
         summary["acquisition"] = acquisition
         summary["transit_ms"] = transit_ms

@@ -133,6 +133,17 @@ class Link:
             return None
         return thread_cpu_s(self.served.process.pid)
 
+    def streamer_rss_mb(self) -> dict[str, float] | None:
+        """The streamer process's resident memory now and at its peak, MiB (None when unknown or not ours)."""
+        if self.served is None:
+            return None
+        try:
+            status = Path(f"/proc/{self.served.process.pid}/status").read_text()
+        except OSError:
+            return None
+        fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith(("VmRSS", "VmHWM"))}
+        return {"rss": int(fields["VmRSS"]) / 1024, "peak": int(fields["VmHWM"]) / 1024} if len(fields) == 2 else None
+
 
 ENGINE_AND_OTHER = "engine and other"
 

@@ -27,6 +27,7 @@ ENGINES = ("tensorrt", "openvino", "torch")
 _MODULES = {"tensorrt": "engines.tensorrt_engine", "openvino": "engines.openvino_engine", "torch": "engines.torch_engine"}
 _CLASSES = {"tensorrt": "TensorRTEngine", "openvino": "OpenVINOEngine", "torch": "TorchEngine"}
 _OPTIONS = {"tensorrt": {"device_id"}, "openvino": {"threads", "streams"}, "torch": {"threads"}}
+_CACHING = {"tensorrt", "openvino"}  # engines keeping compiled models in the engine cache (engines.cache)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def load(
     engine: str = "auto",
     precision: str = "auto",
     max_batch: int = DEFAULT_MAX_BATCH,
+    cache_dir: str | Path | None = None,
     **options: Any,
 ) -> Engine:
     """An engine running ``bundle`` for batches of 1..``max_batch`` cells.
@@ -77,8 +79,10 @@ def load(
     ``precision="auto"`` is the engine's fastest validated precision: OpenVINO
     runs the bundle's guard-approved INT8 model if it has one, else bf16 where
     the CPU has it natively, else fp32; TensorRT fp16; torch fp16 on CUDA and
-    fp32 on the CPU. ``options`` go to the engine: ``threads`` (openvino, torch), ``streams`` (openvino:
-    batches computed at once, see :mod:`engines.cpu`), ``device_id`` (tensorrt);
+    fp32 on the CPU. ``cache_dir`` is the root of the engine cache, where compiled models are kept (default
+    ``$FLOWSORT_CACHE_DIR``, else the user's cache folder: :mod:`engines.cache`); the bundle is only read.
+    ``options`` go to the engine: ``threads`` (openvino, torch), ``streams`` (openvino: batches computed at
+    once, see :mod:`engines.cpu`), ``device_id`` (tensorrt);
     those set to None are left to the engine's default.
     """
     if not isinstance(bundle, Bundle):
@@ -89,5 +93,7 @@ def load(
     if unknown:
         accepted = ", ".join(sorted(_OPTIONS[name]))
         raise UserError(f"engine {name!r} takes no {', '.join(sorted(unknown))} (it takes {accepted})")
+    if name in _CACHING:
+        options["cache_dir"] = cache_dir
     engine_class = getattr(_module(name), _CLASSES[name])
     return engine_class(bundle, precision=precision, max_batch=max_batch, **options)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,8 +24,6 @@ from flowsort.errors import UserError
 
 DEPTH = 2
 DEFAULT_MAX_BATCH = 256
-# Engine caches live under the bundle, outside its checksummed files.
-CACHE_DIR = "engines"
 
 
 class Outputs(NamedTuple):
@@ -97,6 +94,12 @@ class Engine(ABC):
         self._start(slot, cells, n)
         self._pending.append((slot, n))
 
+    def done(self) -> bool:
+        """Whether the oldest submitted batch has finished, without waiting: a caller with several batches in
+        flight can start another on an idle stream meanwhile. Engines that cannot tell say True: collect()
+        then simply waits for it."""
+        return True
+
     def collect(self) -> Outputs:
         """Wait for the oldest submitted batch; views of its outputs."""
         if not self._pending:
@@ -141,16 +144,6 @@ class Engine(ABC):
     @abstractmethod
     def _finish(self, slot: int, n: int) -> Outputs:
         """Wait for buffer set ``slot``; views of its first ``n`` outputs."""
-
-
-def cache_dir(bundle: Bundle, *parts: str) -> Path | None:
-    """A writable cache folder under the bundle, or None where the bundle is read-only."""
-    path = bundle.path.joinpath(CACHE_DIR, *parts)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return path
 
 
 def predict_all(engine: Engine, cells: np.ndarray) -> Outputs:

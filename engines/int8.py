@@ -9,19 +9,24 @@ accuracy. A model that fails is deleted; its report stays, so the engine can
 say why INT8 is unavailable. The TensorRT engine calibrates on the same stored
 cells and applies the same guard to its INT8 plans.
 
-Everything lives under ``BUNDLE/engines/``, keyed by the bundle's content hash.
+The calibration cells, the INT8 model and its report are part of the bundle:
+``flowsort quantize`` writes them under ``BUNDLE/engines/int8/`` (outside the
+checksummed files, keyed by the bundle's content hash) and is the one command
+that writes into a bundle. Engines only read them; what they compile goes to
+the engine cache (:mod:`engines.cache`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engines.base import CACHE_DIR, predict_all
+from engines.base import predict_all
 from engines.bundle import VALIDATION_FILE, Bundle
 from flowsort.errors import UserError
 
@@ -33,6 +38,7 @@ MAX_ACCURACY_DROP = 0.005
 CALIBRATION_CELLS = 300
 MODEL_FILE = "model.xml"
 REPORT_FILE = "guard.json"
+BUNDLE_DIR = Path("engines") / "int8"  # in the bundle, beside its checksummed files
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,22 @@ def run_guard(bundle: Bundle, reference: Engine, candidate: Engine) -> GuardRepo
 
 
 def int8_dir(bundle: Bundle, engine: str) -> Path:
-    return bundle.path / CACHE_DIR / "int8" / engine / bundle.content_hash[:16]
+    return bundle.path / BUNDLE_DIR / engine / bundle.content_hash[:16]
 
 
 def calibration_file(bundle: Bundle) -> Path:
-    return bundle.path / CACHE_DIR / "int8" / f"calibration-{bundle.content_hash[:16]}.npy"
+    return bundle.path / BUNDLE_DIR / f"calibration-{bundle.content_hash[:16]}.npy"
+
+
+def require_writable(bundle: Bundle) -> None:
+    """Refuse, before any work, to quantize a bundle this user cannot write into."""
+    folder = bundle.path / BUNDLE_DIR
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"flowsort quantize stores the calibration cells and the INT8 model in the bundle, and {existing} is "
+            "not writable (a read-only bundle): quantize a writable copy, then mount or copy that one"
+        )
 
 
 def read_report(directory: Path) -> dict[str, Any] | None:

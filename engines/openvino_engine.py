@@ -18,12 +18,14 @@ disagreement with f32 from 0.4% to 1.5%.
 
 Precision: ``bf16`` where the CPU has native bf16 (AVX512-BF16 or AMX), else
 ``fp32``; ``int8`` runs the guarded NNCF model stored in the bundle
-(:mod:`engines.int8`). Compiled models are cached under the bundle, so the
-second start skips compilation.
+(:mod:`engines.int8`). Compiled models are cached in this machine's engine
+cache (:mod:`engines.cache`), never in the bundle, so the second start skips
+compilation; a cache OpenVINO fails on is dropped and the models compiled anew.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from engines import int8
-from engines.base import DEFAULT_MAX_BATCH, Engine, OutputBuffers, Outputs, cache_dir
-from engines.cpu import Threading, choose_threading, native_bf16
+from engines.base import DEFAULT_MAX_BATCH, Engine, OutputBuffers, Outputs
 from engines.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle
+from engines.cache import cpu_identity, engine_cache
+from engines.cpu import Threading, choose_threading, native_bf16
 from flowsort.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -42,6 +45,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # (measured on a Zen 4) whenever the batch size changes, most of a small batch's compute.
 STATIC_BATCHES = 8
 X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+
+log = logging.getLogger(__name__)
 
 
 def missing() -> str | None:
@@ -127,6 +132,16 @@ def compile_config(precision: str, threading: Threading) -> dict[str, Any]:
     }
 
 
+def compile_all(core: Any, model: Any, shapes: list[Any], config: dict[str, Any], cache: Path | None) -> list[Any]:
+    """``model`` compiled for each of ``shapes``, caching the compiled blobs in ``cache`` (None: no cache)."""
+    core.set_property({"CACHE_DIR": str(cache) if cache else ""})
+    compiled = []
+    for shape in shapes:
+        model.reshape({INPUT_NAME: shape})
+        compiled.append(core.compile_model(model, "CPU", config))
+    return compiled
+
+
 class OpenVINOEngine(Engine):
     name = "openvino"
 
@@ -138,27 +153,31 @@ class OpenVINOEngine(Engine):
         threads: int | None = None,
         streams: int | None = None,
         model_path: Path | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         """``threads``/``streams``: see :func:`engines.cpu.choose_threading` (None: chosen for this machine).
-        ``model_path`` overrides the model to run (the INT8 guard evaluates a candidate with it)."""
+        ``model_path`` overrides the model to run (the INT8 guard evaluates a candidate with it);
+        ``cache_dir`` is the engine cache root (:func:`engines.cache.cache_root`)."""
         ov = import_openvino()
         core = ov.Core()
         resolved = precision if model_path is not None else resolve_precision(precision, core, bundle)
         self.threading = choose_threading(streams or 0, threads or 0)
         super().__init__(bundle, resolved, "CPU", max_batch, parallel=self.threading.streams)
         # A folder per precision: OpenVINO names a cached blob after the model alone, so they would evict each other.
-        cache = cache_dir(bundle, "openvino-cache", resolved)
-        if cache is not None:
-            core.set_property({"CACHE_DIR": str(cache)})
+        key = {"bundle_hash": bundle.content_hash, "precision": resolved, "openvino": ov.get_version(), **cpu_identity()}
+        cache = engine_cache(self.name, key, cache_dir)
         if model_path is None:
             model_path = int8.approved_model(bundle) if resolved == "int8" else bundle.onnx_path
         model = core.read_model(str(model_path))
         float_input(model, ov)
         config = compile_config(resolved, self.threading)
-        self._compiled = []
-        for shape in batch_shapes(max_batch, self.input_shape, ov):
-            model.reshape({INPUT_NAME: shape})
-            self._compiled.append(core.compile_model(model, "CPU", config))
+        try:
+            self._compiled = compile_all(core, model, batch_shapes(max_batch, self.input_shape, ov), config, cache)
+        except RuntimeError as exc:
+            if cache is None:
+                raise
+            log.warning("OpenVINO failed on the engine cache %s (%s): compiling without a cache", cache, exc)
+            self._compiled = compile_all(core, model, batch_shapes(max_batch, self.input_shape, ov), config, None)
         self._tensor = ov.Tensor
         depth = self.depth
         self._inputs = [np.empty((max_batch, *self.input_shape), np.float32) for _ in range(depth)]
@@ -188,6 +207,10 @@ class OpenVINOEngine(Engine):
             self._bound[slot][model] = n
         request.start_async()
         self._running[slot] = request
+
+    def done(self) -> bool:
+        # A zero-timeout wait: no completion callback, which would need the GIL on OpenVINO's stream thread.
+        return not self._pending or self._running[self._pending[0][0]].wait_for(0)
 
     def _finish(self, slot: int, n: int) -> Outputs:
         self._running[slot].wait()

@@ -32,7 +32,7 @@ def stem_convolutions(model: Any) -> list[str]:
 
 
 def quantize_openvino(bundle: Bundle, calibration: np.ndarray, threads: int | None = None) -> GuardReport:
-    """Quantize the bundle's model with NNCF, judge it, keep it only if it passes."""
+    """Quantize the bundle's model with NNCF, judge it, keep it (in the bundle) only if it passes."""
     try:
         import nncf
     except ImportError as exc:

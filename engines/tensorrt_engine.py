@@ -8,14 +8,17 @@ conversion is exact for every uint16 value; float16 would halve the upload but
 rounds values above 2048, and the 12-bit camera reaches 4095.
 
 Plans are built once with a dynamic-batch optimization profile (1..max_batch,
-tuned for max_batch: batches fill up when cells arrive fast) and cached under
-``BUNDLE/engines/tensorrt/``, keyed by GPU model, compute capability, TensorRT
-version, bundle hash, precision and max batch, so a change in any of them
-builds a new plan; a timing cache per GPU and TensorRT version makes rebuilds
-quick. fp16 and int8 keep the head (everything computed from the embedding:
-classifier, softmax, dead-cell distance) in f32. INT8 calibrates on the cells
-``flowsort quantize`` stored in the bundle, caches the calibration, and must
-pass the same accuracy guard as OpenVINO's INT8 (:mod:`engines.int8`). It uses
+tuned for max_batch: batches fill up when cells arrive fast) and cached in the
+engine cache (:mod:`engines.cache`, never the bundle) in a folder per GPU model,
+compute capability and TensorRT version, named by bundle hash, precision and
+max batch, so a change in any of them builds a new plan; a timing cache per GPU
+and TensorRT version makes rebuilds quick. Where the cache is unusable, plans
+are built in a private folder removed at close, and a cached plan TensorRT
+cannot load is built anew. fp16 and int8 keep the head (everything computed
+from the embedding: classifier, softmax, dead-cell distance) in f32. INT8
+calibrates on the cells ``flowsort quantize`` stored in the bundle, caches the
+calibration, and must pass the same accuracy guard as OpenVINO's INT8
+(:mod:`engines.int8`). It uses
 the entropy calibrator (implicit quantization), which later TensorRT 10
 releases deprecate in favour of Q/DQ models: it still builds, with a warning.
 
@@ -27,6 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from engines import int8
-from engines.base import DEFAULT_MAX_BATCH, DEPTH, Engine, OutputBuffers, Outputs, cache_dir
+from engines.base import DEFAULT_MAX_BATCH, DEPTH, Engine, OutputBuffers, Outputs
+from engines.cache import engine_cache
 from engines.bundle import INPUT_NAME, OUTPUT_NAMES, Bundle
 from flowsort.errors import UserError
 
@@ -46,7 +53,8 @@ INSTALL = "engine 'tensorrt' needs the tensorrt and pycuda packages and an NVIDI
 INPUT_DTYPE = np.float32
 CALIBRATION_BATCH = 32
 WORKSPACE_BYTES = 1 << 30
-SUBDIR = "tensorrt"
+
+log = logging.getLogger(__name__)
 
 
 def missing() -> str | None:
@@ -231,7 +239,9 @@ class TensorRTEngine(Engine):
         precision: str = "auto",
         max_batch: int = DEFAULT_MAX_BATCH,
         device_id: int = 0,
+        cache_dir: str | Path | None = None,
     ) -> None:
+        """``cache_dir`` is the engine cache root (:func:`engines.cache.cache_root`)."""
         trt, cuda = import_tensorrt()
         if precision not in PRECISIONS:
             raise UserError(f"engine 'tensorrt' has no precision {precision!r}: choose {', '.join(PRECISIONS)}")
@@ -244,20 +254,21 @@ class TensorRTEngine(Engine):
         self._context = gpu.retain_primary_context()
         major, minor = gpu.compute_capability()
         self.key = PlanKey(gpu.name(), f"{major}.{minor}", trt.__version__, bundle.content_hash, resolved, max_batch)
-        directory = cache_dir(bundle, SUBDIR)
-        if directory is None:
-            raise UserError(
-                f"engine 'tensorrt' keeps its built plans in the bundle and {bundle.path} is read-only: "
-                "copy the bundle somewhere writable"
-            )
-        self._directory = directory
+        self._cache_root = cache_dir
+        device = {"gpu": self.key.gpu, "compute_capability": self.key.compute_capability, "tensorrt": trt.__version__}
+        directory = engine_cache(self.name, device, cache_dir)
+        self._private = directory is None
+        self._directory = directory or Path(tempfile.mkdtemp(prefix="flowsort-tensorrt-"))
         guard_path = self._directory / self.key.plan_name().replace(".plan", ".guard.json")
         with self._current():
             if resolved == "int8":
                 refuse_rejected(guard_path)
-            plan = self._plan(trt, cuda)
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self._engine = self._runtime.deserialize_cuda_engine(plan)
+            self._engine = self._runtime.deserialize_cuda_engine(self._plan(trt, cuda))
+            if self._engine is None:  # a corrupt cached plan: build it anew
+                log.warning("TensorRT could not load the cached plan %s: building it anew", self.key.plan_name())
+                (self._directory / self.key.plan_name()).unlink(missing_ok=True)
+                self._engine = self._runtime.deserialize_cuda_engine(self._plan(trt, cuda))
             self._execution = self._engine.create_execution_context()
             for name in OUTPUT_NAMES:
                 dtype = self._engine.get_tensor_dtype(name)
@@ -287,6 +298,8 @@ class TensorRTEngine(Engine):
                 allocation.free()
             del self._execution, self._engine
         self._context.detach()
+        if self._private:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
     @contextmanager
     def _current(self) -> Iterator[None]:
@@ -308,7 +321,7 @@ class TensorRTEngine(Engine):
 
     def _guard(self, guard_path: Path) -> None:
         """Judge a new INT8 plan against f32 on the validation cells; delete it if it fails."""
-        reference = TensorRTEngine(self.bundle, "fp32", self.max_batch)
+        reference = TensorRTEngine(self.bundle, "fp32", self.max_batch, cache_dir=self._cache_root)
         try:
             report = int8.run_guard(self.bundle, reference, self)
         finally:

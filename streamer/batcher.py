@@ -7,7 +7,8 @@ batch is due and which cells it holds:
 
 * a batch is due when the queue holds the largest batch size, when the oldest
   queued cell has waited ``max_delay`` (at once on an engine for which bigger
-  batches cost as much per cell), or when waiting longer would make the
+  batches cost as much per cell, or on one that computes several batches at
+  once while one of them is idle: the queue grows while all are busy), or when waiting longer would make the
   earliest deadline among the cells of the next batch impossible to meet given
   the engine's measured time for that batch (plus whatever is still running);
   an end-of-acquisition :class:`Marker` or draining makes everything due now;
@@ -358,6 +359,8 @@ class Batcher:
             return now
         size = self.planner.size_for(self.queued)
         wait = self.max_delay_ns if self.planner.batching_pays or not self.adaptive_delay else 0
+        if self.adaptive_delay and self.planner.parallel > 1 and backlog_ns <= 0:
+            wait = 0  # one of the engine's parallel batches is idle: waiting for company would only leave it idle
         by_delay = self._oldest_arrival() + wait
         if backlog_ns > 0:
             # The engine is busy: committing a batch now would only fix its size early. Let it grow until the

@@ -89,6 +89,7 @@ class EngineConfig:
     streams: int = 0  # OpenVINO: batches computed at once, one thread each by default; 0 = chosen for this machine
     warmup_runs: int = 3
     max_consecutive_failures: int = 3
+    cache_dir: str = ""  # root of the compiled-model cache; "" = $FLOWSORT_CACHE_DIR, else the user's cache folder
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,11 @@ class StreamerConfig:
     @property
     def worker(self) -> str:
         return self.service.worker or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def engine_cache_dir(self) -> Path | None:
+        """The engine cache root the config names (None: the default, see engines.cache)."""
+        return self.path(self.engine.cache_dir) if self.engine.cache_dir else None
 
     def path(self, value: str) -> Path:
         """A path from the config, relative to the config file's folder."""

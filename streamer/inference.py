@@ -166,11 +166,13 @@ class Dispatcher(threading.Thread):
                         if due is not None and due <= now:
                             batch = self.batcher.take(now, backlog)
                             break
-                    if self.inflight:
+                    if self.inflight and self._oldest_done(now):
                         break
-                    if self._stopping and not self.batcher.queue:
+                    if self._stopping and not self.batcher.queue and not self.inflight:
                         return
                     timeout = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, (due - now) / 1e9)
+                    if self.inflight:  # wake when the oldest batch should be done, or at new work
+                        timeout = min(timeout, max(0.0, (self.inflight[0].finish_ns - now) / 1e9))
                     self._wake_at = now + int(timeout * 1e9)
                     self.cond.wait(timeout)
                     self._wake_at = None
@@ -193,6 +195,12 @@ class Dispatcher(threading.Thread):
             # For the ingest thread's admission: when the engine can take another batch.
             now = time.perf_counter_ns()
             self.batcher.engine_free_ns = now + int(self._backlog(now))
+
+    def _oldest_done(self, now: int) -> bool:
+        """Whether to collect the oldest batch in flight now: it is done, or due by the plan (collect then
+        waits the rest). Until then this thread waits for it or for new work for an idle stream."""
+        oldest = self.inflight[0]
+        return oldest.model is None or now >= oldest.finish_ns or oldest.model.engine.done()
 
     def _backlog(self, now: int) -> float:
         """Engine time still ahead of a batch submitted now, before it can start."""

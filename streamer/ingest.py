@@ -1,11 +1,19 @@
 """The ingest thread: owns the PULL socket, validates every message, queues cells, answers what it cannot use.
 
 Per message it does little: decode the header, view the pixel frame in
-place, check it against the model (channels, dtype, size), and queue a
-:class:`~streamer.batcher.Segment`. Cells it cannot use are answered at once
-with error decisions carrying their event ids (where the message let them be
-read), counted per reason and logged at a limited rate with the acquisition
-and event ids. Images of another size go through the one preprocessing
+place, check it against the model (channels, dtype, size). Messages read back
+to back are admitted to the queue together, once per burst: small ones are
+merged into one :class:`~streamer.batcher.Segment` (their per-cell times
+computed in one go), one lock is taken and the inference thread is woken at
+most once, so a flood of one-cell messages costs little more than their
+decoding. Each cell's latency starts at its capture (``capture_ns``, receipt
+where that is later) and the wait before receipt is measured.
+
+Cells it cannot use are answered at once with error decisions carrying their
+event ids (where the message let them be read), counted per reason and logged
+at a limited rate with the acquisition and event ids: bad input, and at
+admission the cells that cannot make their deadline (expired, or refused
+behind the queue). Images of another size go through the one preprocessing
 contract, :func:`engines.preprocessing.fit_to_size` (counted).
 """
 

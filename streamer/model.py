@@ -37,7 +37,7 @@ def default_engine(bundle: Bundle, config: StreamerConfig) -> Engine:
     if config.engine.streams:
         options["streams"] = config.engine.streams
     return engines.load(bundle, engine=config.engine.engine, precision=config.engine.precision,
-                        max_batch=config.batching.max_batch, **options)
+                        max_batch=config.batching.max_batch, cache_dir=config.engine_cache_dir, **options)
 
 
 @dataclass

@@ -109,12 +109,13 @@ class Served:
     """A `flowsort serve` subprocess: endpoints from its ready file, and clean stopping."""
 
     def __init__(self, bundle: Path, config: Path, workdir: Path, args: Sequence[str] = (), name: str = "serve",
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that execs the service (e.g. in a mount namespace)."""
         self.ready_file = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowsort", "serve", str(bundle), "--config", str(config),
+            [*prefix, sys.executable, "-m", "flowsort", "serve", str(bundle), "--config", str(config),
              "--ready-file", str(self.ready_file), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

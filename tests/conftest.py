@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 JURKAT_ENV = "FLOWSORT_JURKAT_DIR"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Engines compile into the test session's own cache (engines.cache), never the user's; subprocesses inherit it."""
+    from engines.cache import ENV_VAR
+
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield Path(os.environ[ENV_VAR])
+    if previous is None:
+        del os.environ[ENV_VAR]
+    else:
+        os.environ[ENV_VAR] = previous
 
 
 @pytest.fixture(scope="session")

@@ -162,6 +162,8 @@ def test_dockerfiles_run_serve_as_a_non_root_user(dockerfile: str) -> None:
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["flowsort"]' in text
+    # The bundle is mounted read-only: engine caches go to a folder the image's user owns.
+    assert "FLOWSORT_CACHE_DIR=/var/lib/flowsort/cache" in text and "chown -R flowsort:flowsort /var/lib/flowsort" in text
     assert 'CMD ["serve", "/bundle", "--config", "/etc/flowsort/streamer.toml"]' in text
     port = load_config(CONTAINER_CONFIG).health.port
     assert f"http://127.0.0.1:{port}/healthz" in text  # the HEALTHCHECK asks the configured port

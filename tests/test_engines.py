@@ -68,7 +68,7 @@ COMBINATIONS = [
 
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the tiny bundle, so the engine caches written here stay out of others' tests."""
+    """A private copy of the tiny bundle, so the INT8 model quantized into it stays out of others' tests."""
     return Path(shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("engines") / "bundle"))
 
 
@@ -257,14 +257,19 @@ def test_submit_and_collect_pipeline_two_batches(bundle: Bundle, fresh_cells: np
             engine.collect()
 
 
-def test_openvino_caches_compiled_models_in_the_bundle(bundle: Bundle) -> None:
-    with engines.load(bundle, "openvino", "fp32", max_batch=8):
-        pass
-    cache = bundle.path / "engines" / "openvino-cache" / "fp32"
-    assert any(cache.iterdir()), "no compiled model was cached"
-    manifest = json.loads((bundle.path / "bundle.json").read_text())
-    assert not any(name.startswith("engines") for name in manifest["files"])
-    load_bundle(bundle.path)  # the checksummed files are untouched
+def test_openvino_caches_compiled_models_in_the_cache_not_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    from engines.cache import KEY_FILE
+
+    bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    before = sorted((path.relative_to(bundle.path), path.stat().st_mtime_ns) for path in bundle.path.rglob("*"))
+    with engines.load(bundle, "openvino", "fp32", max_batch=8, cache_dir=tmp_path / "cache") as engine:
+        described = engine.describe()
+    (folder,) = (tmp_path / "cache" / "openvino").iterdir()
+    assert any(folder.glob("*.blob")), "no compiled model was cached"
+    cached = json.loads((folder / KEY_FILE).read_text())
+    assert (cached["bundle_hash"], cached["precision"], cached["openvino"]) == (
+        described["bundle_hash"], "fp32", described["openvino"])
+    assert sorted((path.relative_to(bundle.path), path.stat().st_mtime_ns) for path in bundle.path.rglob("*")) == before
 
 
 def test_bench_engines_writes_json_and_png(bundle: Bundle, tmp_path: Path) -> None:

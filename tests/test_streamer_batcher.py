@@ -78,6 +78,15 @@ def test_no_waiting_where_batching_does_not_pay() -> None:
     assert Planner(SIZES, linear_costs()).batching_pays
 
 
+def test_an_idle_parallel_engine_does_not_wait_for_company() -> None:
+    b = Batcher(Planner(SIZES, linear_costs(), parallel=2), 1 * MS, 64)
+    b.add(segment(0, 1, arrival=0))
+    assert b.due(10) <= 10  # a stream is free: run now
+    assert b.due(10, backlog_ns=2 * MS) == 2 * MS + 10 - b.lead_ns  # both busy: grow until one frees up
+    b.adaptive_delay = False
+    assert b.due(10) == 1 * MS
+
+
 def test_planner_updates_from_observations() -> None:
     planner = Planner(SIZES, {1: 100, 2: 150, 4: 200, 8: 300})
     assert planner.size_for(8) == 8

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     policy = policy_for(bundle, config)
     with engines.load(bundle, engine=config.engine.engine, precision=config.engine.precision, max_batch=args.batch,
-                      threads=config.engine.threads or None) as engine:
+                      threads=config.engine.threads or None, cache_dir=config.engine_cache_dir) as engine:
         summary = export_fcs(args.recording, bundle, engine, policy, args.output, limits=config.ingest.limits(),
                              acquisition=args.acquisition, embedding=args.embedding, datatype=args.datatype)
         print(f"wrote {summary.path}: {summary.events} cells of acquisition {summary.acquisition!r} "

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="add a guarded INT8 model to a bundle (OpenVINO now, TensorRT on its first start)",
         description=(
             "Draw calibration cells from the training dataset (leaving out the bundle's validation cells), store "
-            "them in the bundle, quantize the OpenVINO model with NNCF and keep it only if it passes the accuracy "
+            "them in the bundle (the one command that writes into a bundle, which must be writable), quantize the "
+            "OpenVINO model with NNCF and keep it only if it passes the accuracy "
             f"guard on the validation cells (class agreement with f32 >= {MIN_AGREEMENT:.0%}, accuracy drop <= "
             f"{100 * MAX_ACCURACY_DROP:.1f} points). TensorRT builds its INT8 plan from the same cells on the GPU machine."
         ),
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cells < 1:
         raise UserError("--cells must be at least 1")
     bundle = load_bundle(args.bundle)
+    int8.require_writable(bundle)
     dataset = read_dataset(args.dataset)
     cells = int8.calibration_cells(dataset.images, dataset.object_ids, bundle, args.cells, args.seed)
+    print(f"writing into the bundle {bundle.path}: calibration cells and the INT8 model under {int8.BUNDLE_DIR}/")
     path = int8.store_calibration(bundle, cells)
     print(f"{len(cells)} calibration cells stored in {path}")
     if not is_x86():
