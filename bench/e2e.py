@@ -332,10 +332,10 @@ def sweep_engines(settings: SweepSettings) -> dict[str, Any]:
         "engines": results,
     }
     report["checks"] = checks(report)
-    from bench.simulator import _json_default
+    from bench.simulator import json_default
 
     json_path = settings.out / "e2e.json"
-    json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    json_path.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     html_path = write_html(report, settings.out / "e2e.html")
     print(table(report))
     print(f"written {json_path} and {html_path}")
@@ -400,19 +400,34 @@ def _n(value: float | None) -> str:
 
 
 def write_html(report: dict[str, Any], path: Path) -> Path:
-    from bench.link import service_and_engine_cores
-    from bench.report_html import e, figure, fmt, pct, plain_log_labels, pyplot, series_figure, write
+    """The sweep as a page: the run's setting, the summary and checks, latency and throughput against offered
+    load, and each engine's levels over time."""
+    from bench.report_html import write
+
+    deadline = report["settings"]["transit_ms"]
+    sections = [_run_note(report), *_summary_tables(report), _load_figure(report)]
+    sections += [section for result in report["engines"] for section in _engine_levels(result, deadline)]
+    sections.append(CPU_NOTE)
+    return write(path, "flowsort bench e2e", sections)
+
+
+def _run_note(report: dict[str, Any]) -> str:
+    from bench.report_html import e
+
+    machine = report["machine"]
+    return (f"<p class='note'>{e(report['date'])}; {e(machine['cpu_model'])}, "
+            f"{machine['cores']} cores ({e(', '.join(machine['cpu_flags']))}), {e(machine['platform'])}, "
+            f"load average before the run "
+            f"{machine.get('load_average_1_5_15min', '?')}; bundle {e(report['bundle'])}; "
+            f"cells: {e(report['cells'])}</p><p class='note'>{e(report['command'])}</p>")
+
+
+def _summary_tables(report: dict[str, Any]) -> list[str]:
+    """Per engine: max sustained rate, first failed level and the engine ceiling; then the checks."""
+    from bench.report_html import fmt, pct
     from bench.report_html import table as html_table
 
-    plt = pyplot()
-    settings = report["settings"]
-    deadline = settings["transit_ms"]
-    machine = report["machine"]
-    sections = [f"<p class='note'>{e(report['date'])}; {e(machine['cpu_model'])}, "
-                f"{machine['cores']} cores ({e(', '.join(machine['cpu_flags']))}), {e(machine['platform'])}, "
-                f"load average before the run "
-                f"{machine.get('load_average_1_5_15min', '?')}; bundle {e(report['bundle'])}; "
-                f"cells: {e(report['cells'])}</p><p class='note'>{e(report['command'])}</p>"]
+    sections: list[str] = []
     summary_rows = []
     for result in report["engines"]:
         ceiling = result["engine_ceiling"]
@@ -425,7 +440,16 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
     sections.append(html_table(("check", "engine", "result", "value"),
                                [(c["check"], c["engine"], "pass" if c["ok"] else "FAIL", json.dumps(c["value"]))
                                 for c in report["checks"]]))
+    return sections
 
+
+def _load_figure(report: dict[str, Any]) -> str:
+    """Latency percentiles and achieved throughput against offered load, every engine."""
+    from bench.report_html import figure, plain_log_labels, pyplot
+
+    plt = pyplot()
+    settings = report["settings"]
+    deadline = settings["transit_ms"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for result in report["engines"]:
         levels = sorted(result["levels"], key=lambda s: s["offered_target"])
@@ -450,40 +474,50 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=7)
     fig.tight_layout()
-    sections.append("<h2>Latency and throughput vs offered load</h2>" + figure(fig, "per level: latency percentiles "
-                    "of every decided cell (capture to decision received), and achieved throughput"))
+    return "<h2>Latency and throughput vs offered load</h2>" + figure(
+        fig, "per level: latency percentiles of every decided cell (capture to decision received), and achieved "
+        "throughput")
 
-    for result in report["engines"]:
-        label = result["engine_label"] or result["engine"]
-        runs = result["levels"] + ([result["target_run"]] if result["target_run"] is not None else [])
-        merged = _concatenate_series(runs)
-        marks = [(lvl["start_s"], f"{lvl['offered_target']:,.0f}/s") for lvl in runs]
-        sections.append(f"<h2>{e(label)}: over time</h2>" + figure(
-            series_figure(merged, f"{label}: every level, one after the other", deadline, marks),
-            "cells sent and decisions received per second; latency p50/p99 per interval"))
-        rows = []
-        for lvl in runs:
-            lat, cpu = lvl["latency_ms"], lvl["cpu"]
-            if lvl is result["target_run"]:
-                verdict = f"target run, {lvl['transit_ms']:g} ms deadline: {'met' if lvl['ok'] else 'missed'}"
-            else:
-                verdict = "yes" if lvl["sustained"] else f"no ({lvl['reason']})"
-            gates = "; ".join(f"{g['gate']} purity {pct(g.get('purity'))} yield {pct(g.get('yield'))}"
-                              for g in lvl.get("gates") or [])
-            rows.append((fmt(lvl["offered_target"], "", 0), fmt(lvl["offered_cells_per_s"], "", 0),
-                         fmt(lvl["throughput_cells_per_s"], "", 0), *(fmt(lat[k], "", 2) for k in ("p50", "p95", "p99", "max")),
-                         fmt(lvl["late"]), fmt(lvl["dropped"]), pct(cpu["sender_core_fraction"]),
-                         pct(cpu["receiver_core_fraction"]), *(pct(v) for v in service_and_engine_cores(lvl)),
-                         verdict, gates))
-        sections.append(html_table(("target", "offered", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "late",
-                                    "dropped", "sender CPU", "receiver CPU", "streamer threads CPU", "engine CPU", "sustained",
-                                    "gates"),
-                                   rows))
-    sections.append("<p class='note'>CPU is the share of one core over the level: the sender and receiver threads of "
-                    "the bench; the streamer's own threads (ingest, inference, emitter, results) and the rest of its "
-                    "process (the engine's worker threads, ZeroMQ I/O, HTTP). Latency: capture time stamped by the sender "
-                    "(the Poisson schedule) to the decision's arrival at the receiver.</p>")
-    return write(path, "flowsort bench e2e", sections)
+
+def _engine_levels(result: dict[str, Any], deadline: float | None) -> list[str]:
+    """One engine's levels over time, and the table of every level."""
+    from bench.link import service_and_engine_cores
+    from bench.report_html import e, figure, fmt, pct, series_figure
+    from bench.report_html import table as html_table
+
+    sections: list[str] = []
+    label = result["engine_label"] or result["engine"]
+    runs = result["levels"] + ([result["target_run"]] if result["target_run"] is not None else [])
+    merged = _concatenate_series(runs)
+    marks = [(lvl["start_s"], f"{lvl['offered_target']:,.0f}/s") for lvl in runs]
+    sections.append(f"<h2>{e(label)}: over time</h2>" + figure(
+        series_figure(merged, f"{label}: every level, one after the other", deadline, marks),
+        "cells sent and decisions received per second; latency p50/p99 per interval"))
+    rows = []
+    for lvl in runs:
+        lat, cpu = lvl["latency_ms"], lvl["cpu"]
+        if lvl is result["target_run"]:
+            verdict = f"target run, {lvl['transit_ms']:g} ms deadline: {'met' if lvl['ok'] else 'missed'}"
+        else:
+            verdict = "yes" if lvl["sustained"] else f"no ({lvl['reason']})"
+        gates = "; ".join(f"{g['gate']} purity {pct(g.get('purity'))} yield {pct(g.get('yield'))}"
+                          for g in lvl.get("gates") or [])
+        rows.append((fmt(lvl["offered_target"], "", 0), fmt(lvl["offered_cells_per_s"], "", 0),
+                     fmt(lvl["throughput_cells_per_s"], "", 0), *(fmt(lat[k], "", 2) for k in ("p50", "p95", "p99", "max")),
+                     fmt(lvl["late"]), fmt(lvl["dropped"]), pct(cpu["sender_core_fraction"]),
+                     pct(cpu["receiver_core_fraction"]), *(pct(v) for v in service_and_engine_cores(lvl)),
+                     verdict, gates))
+    sections.append(html_table(("target", "offered", "achieved", "p50 ms", "p95 ms", "p99 ms", "max ms", "late",
+                                "dropped", "sender CPU", "receiver CPU", "streamer threads CPU", "engine CPU", "sustained",
+                                "gates"),
+                               rows))
+    return sections
+
+
+CPU_NOTE = ("<p class='note'>CPU is the share of one core over the level: the sender and receiver threads of "
+            "the bench; the streamer's own threads (ingest, inference, emitter, results) and the rest of its "
+            "process (the engine's worker threads, ZeroMQ I/O, HTTP). Latency: capture time stamped by the sender "
+            "(the Poisson schedule) to the decision's arrival at the receiver.</p>")
 
 
 def _concatenate_series(levels: list[dict[str, Any]]) -> dict[str, Any]:

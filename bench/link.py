@@ -219,7 +219,7 @@ def cpu_use(before: dict[str, float] | None, after: dict[str, float] | None, wal
                                        for name in after if name != "total"}}
 
 
-def _connect_endpoint(endpoint: str) -> str:
+def connect_endpoint(endpoint: str) -> str:
     """A bind endpoint as a peer connects to it (a wildcard host becomes loopback)."""
     for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
         if endpoint.startswith(wildcard):
@@ -258,8 +258,8 @@ def open_link(options: LinkOptions, workdir: Path, name: str = "serve") -> Itera
             bundle = options.bundle
             model = ModelInfo.load(bundle) if bundle else None
             gates = [GateSpec(g.name, g.classes) for g in config.gates]
-            ingest = options.ingest or _connect_endpoint(config.ingest.endpoint)
-            decisions = options.decisions or _connect_endpoint(config.push.endpoint)
+            ingest = options.ingest or connect_endpoint(config.ingest.endpoint)
+            decisions = options.decisions or connect_endpoint(config.push.endpoint)
             yield Link(ingest, decisions, gates, model, context)
     finally:
         context.destroy(linger=0)

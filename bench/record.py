@@ -26,6 +26,7 @@ from streamer.recording import AcquisitionWriter
 from streamer.recording_truth import TRUTH_KEY_BYTES, Truth, header_truth, truth_record
 
 log = logging.getLogger(__name__)
+DEFAULT_LISTEN = "tcp://127.0.0.1:5555"
 TRUTH_FLUSH_CELLS = 4096
 TRUTH_FLUSH_S = 1.0
 
@@ -159,3 +160,30 @@ class Recorder:
             self.socket.close(0)
             if self.forward is not None:
                 self.forward.close()
+
+
+def record(path: Path, listen: str = DEFAULT_LISTEN, forward: str | None = None, seconds: float | None = None,
+           messages: int | None = None, until_end: bool = False, idle: float | None = None) -> dict[str, Any]:
+    """`flowsort record`: capture what arrives at ``listen`` to ``path`` until Ctrl-C/SIGTERM or a stop condition,
+    printing what was recorded; returns the recorder's summary."""
+    import signal
+
+    from flowsort.errors import UserError
+    from streamer.security import exposed_endpoints
+
+    if exposed_endpoints([listen]):
+        raise UserError(f"refusing to listen on {listen}: the recorder has no encryption; use a loopback or "
+                        "ipc:// endpoint")
+    recorder = Recorder(path, listen, forward)
+    previous = {sig: signal.signal(sig, lambda *_: recorder.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"recording {recorder.endpoint} to {path}" + (f", forwarding to {forward}" if forward else "")
+          + " (Ctrl-C stops)", flush=True)
+    try:
+        summary = recorder.run(seconds, messages, until_end, idle)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"recorded {summary['messages']:,} messages ({summary['cells']:,} cells, {summary['bytes'] / 1e6:.1f} MB) "
+          f"in {summary['seconds']:.1f} s to {summary['path']}"
+          + (f"; ground truth for {summary['truth_cells']:,} cells" if summary["truth_cells"] else ""))
+    return summary

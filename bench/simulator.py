@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.cell_sources import CellSet
-from bench.defaults import DEFAULT_TRANSIT_MS
+from bench.cell_sources import CellSet, load_cells
+from bench.defaults import DEFAULT_POOL, DEFAULT_RATE, DEFAULT_SECONDS, DEFAULT_TRANSIT_MS
 from bench.dashboard import Dashboard, LiveView
-from bench.link import Link, cpu_use, service_and_engine_cores
+from bench.link import Link, LinkOptions, cpu_use, open_link, service_and_engine_cores
 from bench.pacing import fixed_times, poisson_times
 from bench.run_summary import summarize
 from bench.traffic import CellMessages, Collector, PacedSender, Plan, RunRecord, handshake, push_socket, run_plan
+from flowsort.errors import UserError
 from streamer import codec
 from streamer import protocol as p
-
 
 
 def arrivals(rate: float, seconds: float, poisson: bool, seed: int, cells_per_message: int = 1) -> np.ndarray:
@@ -151,8 +152,8 @@ def write_outputs(out: Path, name: str, title: str, summary: dict[str, Any], set
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": describe_machine(), "settings": settings,
                 "summary": summary}
     json_path = out / f"{name}.json"
-    json_path.write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
-    head = table(("setting", "value"), [(k, json.dumps(v, default=_json_default) if not isinstance(v, str) else v)
+    json_path.write_text(json.dumps(document, indent=2, default=json_default) + "\n")
+    head = table(("setting", "value"), [(k, json.dumps(v, default=json_default) if not isinstance(v, str) else v)
                             for k, v in settings.items()])
     html_path = write(out / f"{name}.html", title,
                       [f"<p class='note'>{e(document['date'])}, {e(document['machine']['cpu_model'])}, "
@@ -162,7 +163,7 @@ def write_outputs(out: Path, name: str, title: str, summary: dict[str, Any], set
     return json_path, html_path
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -172,3 +173,49 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return str(value)
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    """The simulated instrument of `flowsort simulate` (its options, one field each)."""
+
+    rate: float = DEFAULT_RATE  # cells/s
+    seconds: float = DEFAULT_SECONDS
+    arrivals: str = "poisson"  # or "fixed"
+    cells_per_message: int = 1
+    transit_ms: float = DEFAULT_TRANSIT_MS  # each cell's deadline after capture; 0: none (the streamer's budget)
+    prior: str = "jurkat"
+    cells: str = "synthetic"  # or an acquisition file or a dataset folder
+    pool: int = DEFAULT_POOL
+    size: int | None = None  # None: the bundle's, else 40
+    seed: int = 0
+    acquisition: str = "simulated"
+    truth_in_messages: bool = False
+    dashboard: bool = True
+    out: Path = Path("runs/bench/simulate")
+
+
+def simulate(streamer: LinkOptions, settings: SimulateSettings) -> dict[str, Any]:
+    """Send simulated cells to ``streamer``, score the decisions, print the summary, write simulate.json and
+    simulate.html to ``settings.out``; returns the summary."""
+    if settings.rate <= 0 or settings.seconds <= 0 or settings.cells_per_message < 1:
+        raise UserError("--rate, --seconds and --cells-per-message must be positive")
+    transit = settings.transit_ms if settings.transit_ms > 0 else None
+    with open_link(streamer, settings.out) as link:
+        if link.model is None and link.gates:
+            print("note: without --bundle (or --serve) the model's classes are unknown: no purity or yield")
+        size = settings.size or (link.model.input_size if link.model else 40)
+        cells = load_cells(settings.cells, size, seed=settings.seed, pool=settings.pool, prior=settings.prior)
+        plan = instrument_plan(cells, settings.rate, settings.seconds, poisson=settings.arrivals == "poisson",
+                               cells_per_message=settings.cells_per_message, transit_ms=transit, seed=settings.seed,
+                               acquisition=settings.acquisition, truth_in_messages=settings.truth_in_messages)
+        title = f"flowsort simulate: {settings.rate:,.0f} cells/s {settings.arrivals}"
+        _, summary = live_run(link, plan, title=title, dashboard=settings.dashboard, target_rate=settings.rate)
+    print_summary(summary, transit)
+    described = {"rate": settings.rate, "seconds": settings.seconds, "arrivals": settings.arrivals,
+                 "cells_per_message": settings.cells_per_message, "transit_ms": transit, "cells": cells.description,
+                 "bundle": str(streamer.serve or streamer.bundle or ""), "gates": [g.__dict__ for g in link.gates],
+                 "engine": summary.get("engine")}
+    json_path, html_path = write_outputs(settings.out, "simulate", "flowsort simulate", summary, described, transit)
+    print(f"written {json_path} and {html_path}")
+    return summary

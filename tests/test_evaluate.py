@@ -216,6 +216,12 @@ def cells_of(names: tuple[str, ...], seed: int) -> CellDataset:
                        channel_names=dataset.channel_names)
 
 
+def with_class_names(dataset: CellDataset, names: tuple[str, ...]) -> CellDataset:
+    """The same cells and labels, their classes called ``names``."""
+    return CellDataset(images=dataset.images, labels=dataset.labels, object_ids=dataset.object_ids, class_names=names,
+                       channels=dataset.channels, channel_names=dataset.channel_names)
+
+
 def test_a_merged_model_scores_any_subset_of_the_merged_classes(five_class_bundle: Path, tmp_path: Path) -> None:
     assert load_bundle(five_class_bundle).class_names[0] == "Interphase"
     for names in (("G1",), ("G1", "Prophase"), STAGES):
@@ -237,9 +243,7 @@ def test_unknown_labels_advice_works_when_followed(
     quick_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A model that records no merge and a dataset naming a class its own way: the error says what to add."""
-    dataset = cells_of(("G1", "S_phase"), seed=8)
-    renamed = CellDataset(images=dataset.images, labels=dataset.labels, object_ids=dataset.object_ids,
-                          class_names=("G1", "S"), channels=dataset.channels, channel_names=dataset.channel_names)
+    renamed = with_class_names(cells_of(("G1", "S_phase"), seed=8), ("G1", "S"))
     path = write_dataset(tmp_path / "renamed", renamed)
     capsys.readouterr()
     assert main(["evaluate", str(quick_bundle), str(path), "-o", str(tmp_path / "refused")]) == 2
@@ -257,9 +261,7 @@ def test_unknown_labels_advice_works_when_followed(
 def test_embed_writes_labels_the_model_cannot_use_as_unlabeled(
     quick_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    dataset = cells_of(("G1", "Prophase"), seed=9)
-    renamed = CellDataset(images=dataset.images, labels=dataset.labels, object_ids=dataset.object_ids,
-                          class_names=("G1", "mitotic"), channels=dataset.channels, channel_names=dataset.channel_names)
+    renamed = with_class_names(cells_of(("G1", "Prophase"), seed=9), ("G1", "mitotic"))
     out = tmp_path / "cells.npz"
     assert main(["embed", str(quick_bundle), str(write_dataset(tmp_path / "ds", renamed)), "-o", str(out)]) == 0
     assert "mitotic (not classes of the model) are written unlabeled" in capsys.readouterr().out

@@ -33,10 +33,10 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
 from engines.deepflow import create_deepflow
+from engines.deployed_model import DeployedDeepFlow
 from flowsort.errors import UserError
 from trainer.augment import Augmentation, augment
 from trainer.dataset import CellDataset
-from engines.deployed_model import DeployedDeepFlow
 
 MONITORS = ("balanced_accuracy", "accuracy", "loss")
 BALANCE_EXPONENT = {"none": 0.0, "sqrt": 0.5, "full": 1.0}
@@ -195,6 +195,17 @@ def is_better(metrics: dict[str, float], best: dict[str, float] | None, monitor:
     return (metrics[monitor], -metrics["loss"]) > (best[monitor], -best["loss"])
 
 
+@dataclass
+class Progress:
+    """Where training stands: each epoch's metrics and the best epoch so far (what a checkpoint keeps)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    best_state: dict[str, Any] | None = None
+    best_epoch: int = -1
+    next_epoch: int = 0
+
+
 def fit(
     dataset: CellDataset,
     train_index: np.ndarray,
@@ -209,17 +220,59 @@ def fit(
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
     labels = dataset.labels.astype(np.int64)
-    num_classes = len(dataset.class_names)
-    net = create_deepflow(num_classes, in_channels=len(dataset.channels), input_size=dataset.input_size, width=config.width)
+    module = new_module(dataset, train_index, config, device)
+    weights, correction = sampling_weights(labels[train_index], len(dataset.class_names), config.balance)
+    steps_per_epoch = max(1, len(train_index) // config.batch_size)
+    optimizer, scheduler = optimizer_and_schedule(module, config, steps_per_epoch)
+    progress = Progress()
+    if resume and checkpoint is not None and checkpoint.is_file():
+        progress = load_checkpoint(checkpoint, device, config, module, optimizer, scheduler)
+
+    bar = tqdm(total=(config.epochs - progress.next_epoch) * steps_per_epoch, desc=description, unit="batch",
+               dynamic_ncols=True, disable=None)
+    for epoch in range(progress.next_epoch, config.epochs):
+        if progress.best is not None and epoch - progress.best_epoch > config.patience:
+            bar.write(f"{description}: early stop at epoch {epoch}, best epoch {progress.best_epoch + 1}")
+            break
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.choice(train_index, size=steps_per_epoch * config.batch_size, replace=True, p=weights)
+        loss = train_epoch(module, dataset.images, labels, order, epoch, config, device, precision, optimizer,
+                           scheduler, bar, progress.best)
+        val_logits, _ = logits_and_embedding(module, dataset.images, validation_index, precision=precision)
+        metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
+        if len(validation_index):
+            metrics.update(validation_metrics(val_logits + correction, labels[validation_index]))
+        progress.history.append(metrics)
+        bar.write(
+            f"{description} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}"
+            + (f", val loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} bal.acc {metrics['balanced_accuracy']:.4f}" if len(validation_index) else "")
+        )
+        if not len(validation_index) or is_better(metrics, progress.best, config.monitor):
+            progress.best, progress.best_epoch = metrics, epoch
+            progress.best_state = copy.deepcopy(module.state_dict())
+        progress.next_epoch = epoch + 1
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, config, module, optimizer, scheduler, progress)
+    bar.close()
+    return best_model(module, progress, correction, device, precision)
+
+
+def new_module(dataset: CellDataset, train_index: np.ndarray, config: TrainConfig, device: torch.device) -> DeployedDeepFlow:
+    """An untrained DeepFlow for the dataset, normalized by the training cells' channel statistics."""
+    net = create_deepflow(len(dataset.class_names), in_channels=len(dataset.channels), input_size=dataset.input_size,
+                          width=config.width)
     module = DeployedDeepFlow(net)
     module.set_normalization(*channel_statistics(dataset.images, train_index))
     module.to(device)
     if device.type == "cpu":
         module.to(memory_format=torch.channels_last)
+    return module
 
-    weights, correction = sampling_weights(labels[train_index], num_classes, config.balance)
-    correction_t = torch.from_numpy(correction)
-    steps_per_epoch = max(1, len(train_index) // config.batch_size)
+
+def optimizer_and_schedule(
+    module: DeployedDeepFlow, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Nesterov SGD with a linear warmup and a cosine decay over all steps."""
     optimizer = torch.optim.SGD(
         module.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -227,72 +280,76 @@ def fit(
         optimizer,
         lambda step: cosine_with_warmup(step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch),
     )
-    history: list[dict[str, float]] = []
-    best: dict[str, float] | None = None
-    best_state: dict[str, Any] | None = None
-    best_epoch = -1
-    start_epoch = 0
-    if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != asdict(config):
-            raise UserError(f"--resume: {checkpoint} was written with different training settings; drop --resume or use the same flags")
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, best_state, best_epoch = state["history"], state["best"], state["best_state"], state["best_epoch"]
-        start_epoch = state["epoch"] + 1
+    return optimizer, scheduler
 
-    total_steps = (config.epochs - start_epoch) * steps_per_epoch
-    bar = tqdm(total=total_steps, desc=description, unit="batch", dynamic_ncols=True, disable=None)
-    for epoch in range(start_epoch, config.epochs):
-        if best is not None and epoch - best_epoch > config.patience:
-            bar.write(f"{description}: early stop at epoch {epoch}, best epoch {best_epoch + 1}")
-            break
-        rng = np.random.default_rng([config.seed, epoch])
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = rng.choice(train_index, size=steps_per_epoch * config.batch_size, replace=True, p=weights)
-        module.train()
-        running = 0.0
-        for step, part in enumerate(batches(order, config.batch_size)):
-            x = augment(module.normalize(load_batch(dataset.images, part, device)), generator, config.augmentation)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(labels[part]).to(device)
-            with autocast(device, precision):
-                logits = module.net(x).logits
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.item()
-            bar.update()
-            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {running / (step + 1):.3f}" + (f" best {config.monitor} {best[config.monitor]:.4f}" if best else ""))
-        val_logits, _ = logits_and_embedding(module, dataset.images, validation_index, precision=precision)
-        metrics = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "lr": scheduler.get_last_lr()[0]}
-        if len(validation_index):
-            metrics.update(validation_metrics(val_logits + correction, labels[validation_index]))
-        history.append(metrics)
-        bar.write(
-            f"{description} epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}"
-            + (f", val loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} bal.acc {metrics['balanced_accuracy']:.4f}" if len(validation_index) else "")
-        )
-        if not len(validation_index) or is_better(metrics, best, config.monitor):
-            best, best_epoch = metrics, epoch
-            best_state = copy.deepcopy(module.state_dict())
-        if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            state = {
-                "epoch": epoch, "config": asdict(config), "module": module.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "best_state": best_state, "best_epoch": best_epoch,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-    bar.close()
-    assert best_state is not None
-    module.load_state_dict(best_state)
+
+def train_epoch(
+    module: DeployedDeepFlow, images: np.ndarray, labels: np.ndarray, order: np.ndarray, epoch: int,
+    config: TrainConfig, device: torch.device, precision: str, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR, bar: Any, best: dict[str, float] | None,
+) -> float:
+    """One pass over ``order`` in batches, augmented; returns the mean training loss."""
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    module.train()
+    running = 0.0
+    steps = 0
+    for step, part in enumerate(batches(order, config.batch_size)):
+        x = augment(module.normalize(load_batch(images, part, device)), generator, config.augmentation)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(labels[part]).to(device)
+        with autocast(device, precision):
+            logits = module.net(x).logits
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += loss.item()
+        steps = step + 1
+        bar.update()
+        bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {running / steps:.3f}" + (f" best {config.monitor} {best[config.monitor]:.4f}" if best else ""))
+    return running / max(1, steps)
+
+
+def load_checkpoint(
+    checkpoint: Path, device: torch.device, config: TrainConfig, module: DeployedDeepFlow,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> Progress:
+    """Restore the module, optimizer and schedule of an interrupted run (``--resume``), and where it stood."""
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    if state["config"] != asdict(config):
+        raise UserError(f"--resume: {checkpoint} was written with different training settings; drop --resume or use the same flags")
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Progress(state["history"], state["best"], state["best_state"], state["best_epoch"], state["epoch"] + 1)
+
+
+def save_checkpoint(
+    checkpoint: Path, config: TrainConfig, module: DeployedDeepFlow, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR, progress: Progress,
+) -> None:
+    """Everything ``--resume`` needs, replaced atomically after each epoch."""
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": progress.next_epoch - 1, "config": asdict(config), "module": module.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "history": progress.history, "best": progress.best, "best_state": progress.best_state,
+        "best_epoch": progress.best_epoch,
+    }
+    torch.save(state, checkpoint.with_suffix(".tmp"))
+    os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+
+
+def best_model(
+    module: DeployedDeepFlow, progress: Progress, correction: np.ndarray, device: torch.device, precision: str
+) -> FitResult:
+    """The best epoch's weights, with the sampling correction folded into the classifier's bias."""
+    assert progress.best_state is not None
+    module.load_state_dict(progress.best_state)
     module.to(memory_format=torch.contiguous_format)
     with torch.no_grad():
-        module.net.classifier.bias += correction_t.to(device)
-    return FitResult(module=module, history=history, best_epoch=best_epoch + 1, best_metrics=dict(best or {}), precision=precision)
+        module.net.classifier.bias += torch.from_numpy(correction).to(device)
+    return FitResult(module=module, history=progress.history, best_epoch=progress.best_epoch + 1,
+                     best_metrics=dict(progress.best or {}), precision=precision)

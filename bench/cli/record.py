@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("file", type=Path, metavar="FILE", help="acquisition file to write (appended if it exists)")
     parser.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                        help="where to receive (bind), default tcp://127.0.0.1:5555")
+                        help="where to receive (bind)")
     parser.add_argument("--forward", default=None, metavar="ENDPOINT",
                         help="also send every message on to this streamer ingest endpoint (connect)")
     parser.add_argument("--seconds", type=float, default=None, help="stop after this long")
@@ -31,25 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
+    from bench.record import record
 
-    from bench.record import Recorder
-    from flowsort.errors import UserError
-    from streamer.security import exposed_endpoints
-
-    if exposed_endpoints([args.listen]):
-        raise UserError(f"refusing to listen on {args.listen}: the recorder has no encryption; use a loopback or "
-                        "ipc:// endpoint")
-    recorder = Recorder(args.file, args.listen, args.forward)
-    previous = {sig: signal.signal(sig, lambda *_: recorder.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"recording {recorder.endpoint} to {args.file}" + (f", forwarding to {args.forward}" if args.forward else "")
-          + " (Ctrl-C stops)", flush=True)
-    try:
-        summary = recorder.run(args.seconds, args.messages, args.until_end, args.idle)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(f"recorded {summary['messages']:,} messages ({summary['cells']:,} cells, {summary['bytes'] / 1e6:.1f} MB) "
-          f"in {summary['seconds']:.1f} s to {summary['path']}"
-          + (f"; ground truth for {summary['truth_cells']:,} cells" if summary["truth_cells"] else ""))
+    record(args.file, args.listen, args.forward, args.seconds, args.messages, args.until_end, args.idle)
     return 0

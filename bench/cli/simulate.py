@@ -48,29 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.cell_sources import load_cells
-    from bench.link import open_link
-    from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
-    from flowsort.errors import UserError
+    from bench.simulator import SimulateSettings, simulate
 
-    if args.rate <= 0 or args.seconds <= 0 or args.cells_per_message < 1:
-        raise UserError("--rate, --seconds and --cells-per-message must be positive")
-    transit = args.transit_ms if args.transit_ms > 0 else None
-    with open_link(link_options(args), args.out) as link:
-        if link.model is None and link.gates:
-            print("note: without --bundle (or --serve) the model's classes are unknown: no purity or yield")
-        size = args.size or (link.model.input_size if link.model else 40)
-        cells = load_cells(args.cells, size, seed=args.seed, pool=args.pool, prior=args.prior)
-        plan = instrument_plan(cells, args.rate, args.seconds, poisson=args.arrivals == "poisson",
-                               cells_per_message=args.cells_per_message, transit_ms=transit, seed=args.seed,
-                               acquisition=args.acquisition, truth_in_messages=args.truth_in_messages)
-        title = f"flowsort simulate: {args.rate:,.0f} cells/s {args.arrivals}"
-        _, summary = live_run(link, plan, title=title, dashboard=not args.no_dashboard, target_rate=args.rate)
-    print_summary(summary, transit)
-    settings = {"rate": args.rate, "seconds": args.seconds, "arrivals": args.arrivals,
-                "cells_per_message": args.cells_per_message, "transit_ms": transit, "cells": cells.description,
-                "bundle": str(args.serve or args.bundle or ""), "gates": [g.__dict__ for g in link.gates],
-                "engine": summary.get("engine")}
-    json_path, html_path = write_outputs(args.out, "simulate", "flowsort simulate", summary, settings, transit)
-    print(f"written {json_path} and {html_path}")
+    simulate(link_options(args), SimulateSettings(
+        rate=args.rate, seconds=args.seconds, arrivals=args.arrivals, cells_per_message=args.cells_per_message,
+        transit_ms=args.transit_ms, prior=args.prior, cells=args.cells, pool=args.pool, size=args.size, seed=args.seed,
+        acquisition=args.acquisition, truth_in_messages=args.truth_in_messages, dashboard=not args.no_dashboard,
+        out=args.out))
     return 0
