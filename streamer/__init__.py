@@ -4,7 +4,7 @@ Wire protocol v1 (``docs/protocol.md``): :mod:`streamer.protocol` (definitions)
 and :mod:`streamer.codec` (encoding, decoding, validation). The service:
 :mod:`streamer.config`, :mod:`streamer.batcher` (deadline-aware micro-batching),
 :mod:`streamer.policy` (sort gates), :mod:`streamer.model` (engine, warmup,
-timing), :mod:`streamer.ingest`, :mod:`streamer.inference`,
+timing), :mod:`streamer.ingest`, :mod:`streamer.dispatcher`,
 :mod:`streamer.emitter` (one thread each), :mod:`streamer.metrics`,
 :mod:`streamer.health`, :mod:`streamer.security` (CurveZMQ),
 :mod:`streamer.recording` (acquisition files), :mod:`streamer.service`

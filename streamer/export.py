@@ -116,16 +116,15 @@ def export_fcs(recording: str | Path, bundle: Bundle, engine: Engine, policy: Po
             if not isinstance(message, p.CellsMessage) or not wanted(message.acquisition):
                 continue
             try:
-                pixels, bad = adapter.prepare(message)
+                cells = adapter.prepare(message)
             except Rejected as rejected:
                 unclassified[rejected.reason] += message.count
                 continue
-            ids, capture = message.event_ids, message.capture_ns
-            if bad is not None:
-                unclassified[p.Reason.NON_FINITE] += int(bad.sum())
-                ids, capture, pixels = ids[~bad], capture[~bad], pixels[~bad]
-                if not len(ids):
-                    continue
+            if len(cells.non_finite):
+                unclassified[p.Reason.NON_FINITE] += len(cells.non_finite)
+            ids, capture, pixels = cells.event_ids, cells.capture_ns, cells.pixels
+            if not len(ids):
+                continue
             if writer is None:
                 start_ns = int(capture.min())
                 writer = FcsWriter(output, layout.parameters(), layout.keywords(chosen, bundle.content_hash, start_ns),

@@ -71,6 +71,17 @@ class Arrival:
         return (self.acquisition, self.deadline_ns is None) if len(self.event_ids) <= MERGE_CELLS else None
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A cells message brought to the model's input: the usable cells, and the ids of those left out."""
+
+    pixels: np.ndarray  # uint16 [n, C, S, S]
+    event_ids: np.ndarray
+    capture_ns: np.ndarray
+    deadline_ns: int | np.ndarray | None
+    non_finite: np.ndarray  # event ids of float cells holding NaN or inf (empty when none)
+
+
 class InputAdapter:
     """Brings a message's pixels to the model's input: channel order, uint16, size."""
 
@@ -94,8 +105,8 @@ class InputAdapter:
             order = self._orders[channels] = np.array([channels.index(c) for c in self.channels])
         return order
 
-    def prepare(self, message: p.CellsMessage) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint16 [N, C, S, S] model input and, for float input, which cells are not finite (or None)."""
+    def prepare(self, message: p.CellsMessage) -> Prepared:
+        """The message's cells as model input; float cells holding NaN or inf are left out (and named)."""
         pixels = message.pixels
         if message.channels != self.channels:
             pixels = pixels[:, self.channel_order(message.channels)]
@@ -114,7 +125,12 @@ class InputAdapter:
         if pixels.shape[-2:] != (self.size, self.size):
             pixels = fit_to_size(pixels, self.size)
             self._resized.inc(len(pixels))
-        return pixels, bad
+        ids, capture, deadline = message.event_ids, message.capture_ns, message.deadline_ns
+        if bad is None:
+            return Prepared(pixels, ids, capture, deadline, ids[:0])
+        good = ~bad
+        return Prepared(pixels[good], ids[good], capture[good],
+                        deadline[good] if isinstance(deadline, np.ndarray) else deadline, ids[bad])
 
 
 class Ingest(threading.Thread):
@@ -290,20 +306,16 @@ class Ingest(threading.Thread):
         return origins, np.clip(deadline_ns, 0, MAX_DEADLINE) - received_wall + received
 
     def _cells_message(self, message: p.CellsMessage, received: int, received_wall: int) -> None:
-        pixels, bad = self.adapter.prepare(message)
-        ids, capture, deadline = message.event_ids, message.capture_ns, message.deadline_ns
-        if bad is not None:
-            if bad.all():
+        cells = self.adapter.prepare(message)
+        if len(cells.non_finite):
+            if not len(cells.event_ids):
                 raise Rejected(Reason.NON_FINITE, "every cell holds NaN or inf pixels")
-            self.reject(Rejected(Reason.NON_FINITE, f"{int(bad.sum())} of {len(bad)} cells hold NaN or inf pixels",
-                                 message.acquisition, ids[bad]), received, whole=False)
-            good = ~bad
-            pixels, ids, capture = pixels[good], ids[good], capture[good]
-            if isinstance(deadline, np.ndarray):
-                deadline = deadline[good]
+            self.reject(Rejected(Reason.NON_FINITE, f"{len(cells.non_finite)} of {message.count} cells hold NaN or "
+                                 "inf pixels", message.acquisition, cells.non_finite), received, whole=False)
         if not self._pending:
             self._pending_since = received
-        self._pending.append(Arrival(message.acquisition, ids, pixels, capture, deadline, received, received_wall))
+        self._pending.append(Arrival(message.acquisition, cells.event_ids, cells.pixels, cells.capture_ns,
+                                     cells.deadline_ns, received, received_wall))
 
     def _segments(self, arrivals: list[Arrival]) -> list[Segment]:
         """One segment per run of consecutive arrivals that can share one (same acquisition, image shape and

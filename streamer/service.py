@@ -3,7 +3,7 @@
 Threads (each owns its sockets; none waits on another's work):
 
 * ingest (:mod:`streamer.ingest`): PULL socket -> validation -> queue;
-* inference (:mod:`streamer.inference`): queue -> batches -> engine -> policy;
+* inference (:mod:`streamer.dispatcher`): queue -> batches -> engine -> policy;
 * emitter (:mod:`streamer.emitter`): decisions -> PUSH (sorter) and PUB (monitors);
 * results, with ``--results`` (:mod:`streamer.results_thread`): sent decisions -> FCS files;
 * HTTP (:mod:`streamer.health`): /metrics, /healthz, /readyz;
@@ -36,7 +36,7 @@ from streamer.batcher import Batcher
 from streamer.config import StreamerConfig, load_config
 from streamer.emitter import Emitter
 from streamer.health import HealthServer
-from streamer.inference import Dispatcher
+from streamer.dispatcher import Dispatcher
 from streamer.ingest import Ingest, InputAdapter
 from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,14 @@ class Flight:
     acquisitions: list[tuple[str, int]] | None = None  # (acquisition, cells) runs in batch order
     submitted_ns: int = 0
     finish_ns: int = 0  # when the engine should have it done (it may wait for batches ahead of it)
+
+
+def acquisition_spans(flight: Flight) -> Iterator[tuple[str, slice]]:
+    """Each acquisition of a batch and the slice of the batch's cells that belong to it (they are contiguous)."""
+    start = 0
+    for acquisition, count in flight.acquisitions or []:
+        yield acquisition, slice(start, start + count)
+        start += count
 
 
 class Dispatcher(threading.Thread):
@@ -345,18 +354,15 @@ class Dispatcher(threading.Thread):
         if self.results_embedding is not None:  # copies: the engine reuses these buffers two batches on
             probabilities = adjusted.copy()
             embedding = outputs.embedding[:n, :self.results_embedding].copy()
-        start = 0
-        for acquisition, count in flight.acquisitions:
-            stop = start + count
-            part = columns if count == n else type(columns)(*(c[start:stop] for c in columns))
-            block = DecisionBlock(acquisition, flight.event_ids[start:stop], flight.origins[start:stop],
-                                  flight.deadlines[start:stop], model.bundle_hash, model.policy, part)
+        for acquisition, span in acquisition_spans(flight):
+            part = columns if span.stop - span.start == n else type(columns)(*(c[span] for c in columns))
+            block = DecisionBlock(acquisition, flight.event_ids[span], flight.origins[span], flight.deadlines[span],
+                                  model.bundle_hash, model.policy, part)
             if probabilities is not None:
-                block.capture_ns = flight.capture_ns[start:stop]
-                block.probabilities = probabilities[start:stop]
-                block.embedding = embedding[start:stop]
+                block.capture_ns = flight.capture_ns[span]
+                block.probabilities = probabilities[span]
+                block.embedding = embedding[span]
             self.emitter.post(block)
-            start = stop
         self._pass_markers(batch)
         self.metrics.stages.add("policy", time.perf_counter_ns() - done)
 
@@ -374,10 +380,6 @@ class Dispatcher(threading.Thread):
         if self.failures_in_row >= self.max_failures and not self.failing:
             self.failing = True
             log.error("engine failed %d batches in a row: not ready", self.failures_in_row)
-        start = 0
-        for acquisition, count in flight.acquisitions or []:
-            stop = start + count
-            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[start:stop], flight.origins[start:stop],
-                                            flight.deadlines[start:stop], flight.model.bundle_hash,
-                                            error=Reason.ENGINE_ERROR))
-            start = stop
+        for acquisition, span in acquisition_spans(flight):
+            self.emitter.post(DecisionBlock(acquisition, flight.event_ids[span], flight.origins[span],
+                                            flight.deadlines[span], flight.model.bundle_hash, error=Reason.ENGINE_ERROR))
