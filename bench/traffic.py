@@ -163,6 +163,82 @@ class CellMessages:
         )
 
 
+def replay_times(messages: Sequence[Any], timing: str, rate: float | None, speed: float, poisson: bool, loops: int,
+                 seed: int) -> np.ndarray:
+    """Send times (s from the start) of every message of every pass, for :func:`recording_plan`'s ``timing``."""
+    count = len(messages)
+    if timing == "recorded":
+        stamps = np.array([m.time_ns for m in messages], np.int64)
+        one = (stamps - stamps[0]) / 1e9 / speed
+        gap = float(np.median(np.diff(one))) if count > 1 else 0.0
+        return np.concatenate([one + k * (one[-1] + gap) for k in range(loops)])
+    if timing == "rate":
+        if not rate or rate <= 0:
+            raise ValueError("timing 'rate' needs a positive rate")
+        total = count * loops
+        if poisson:
+            send_at = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, total))
+            return send_at - send_at[0]
+        return np.arange(total, dtype=np.float64) / rate
+    if timing == "max":
+        return np.zeros(count * loops)
+    raise ValueError(f"unknown timing {timing!r}")
+
+
+def restamped_template(message: Any, cells: Any, with_deadline: bool) -> Template:
+    """A recorded `cells` message whose per-cell id, capture and deadline columns are rewritten per send."""
+    builder = codec.HeaderBuilder()
+    for key, value in (message.header or {}).items():
+        if key not in (p.EVENT_IDS, p.CAPTURE_NS, p.DEADLINE_NS):
+            builder.add(key, value)
+    n = cells.count
+    builder.add_column(p.EVENT_IDS, p.UINT64, n)
+    builder.add_column(p.CAPTURE_NS, p.INT64, n)
+    if with_deadline:
+        builder.add_column(p.DEADLINE_NS, p.INT64, n)
+    frame, views = builder.build()
+    return Template([frame, *message.frames[1:]], list(views.items()))
+
+
+@dataclass
+class RecordedPass:
+    """One pass over a recording's messages: what to send, and each cell's recorded ids and stamps."""
+
+    acquisitions: list[str] = field(default_factory=list)
+    templates: list[Template] = field(default_factory=list)
+    cells: list[int] = field(default_factory=list)  # per message
+    event_ids: list[np.ndarray] = field(default_factory=list)  # per cells message
+    acquisition: list[int] = field(default_factory=list)  # per cells message, into acquisitions
+    capture_rel: list[np.ndarray] = field(default_factory=list)  # capture - receipt time as recorded, per cell
+    deadline_rel: list[np.ndarray | None] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, messages: Sequence[Any], verbatim: bool, transit_ns: int | None) -> RecordedPass:
+        one = cls()
+        for message in messages:
+            cells = message.decoded
+            if cells is None:
+                one.templates.append(Template(list(message.frames), []))
+                one.cells.append(0)
+                continue
+            if cells.acquisition not in one.acquisitions:
+                one.acquisitions.append(cells.acquisition)
+            one.acquisition.append(one.acquisitions.index(cells.acquisition))
+            n = cells.count
+            one.cells.append(n)
+            one.event_ids.append(np.asarray(cells.event_ids, np.uint64))
+            one.capture_rel.append(np.asarray(cells.capture_ns, np.int64) - message.time_ns)
+            if cells.deadline_ns is None:
+                one.deadline_rel.append(None)
+            else:
+                deadline = np.broadcast_to(np.asarray(cells.deadline_ns, np.int64), (n,))
+                one.deadline_rel.append(deadline - message.time_ns)
+            with_deadline = transit_ns is not None or cells.deadline_ns is not None
+            one.templates.append(Template(list(message.frames), []) if verbatim
+                                 else restamped_template(message, cells, with_deadline))
+        return one
+
+
 def recording_plan(recording: Recording, timing: str = "recorded", rate: float | None = None, speed: float = 1.0,
                    poisson: bool = False, loops: int = 1, verbatim: bool = False, transit_ns: int | None = None,
                    seed: int = 0) -> Plan:
@@ -180,68 +256,11 @@ def recording_plan(recording: Recording, timing: str = "recorded", rate: float |
     if loops < 1:
         raise ValueError("loops must be at least 1")
     count = len(messages)
-    # Send times of one pass.
-    if timing == "recorded":
-        stamps = np.array([m.time_ns for m in messages], np.int64)
-        one = (stamps - stamps[0]) / 1e9 / speed
-        gap = float(np.median(np.diff(one))) if count > 1 else 0.0
-        passes = [one + k * (one[-1] + gap) for k in range(loops)]
-        send_at = np.concatenate(passes)
-    elif timing == "rate":
-        if not rate or rate <= 0:
-            raise ValueError("timing 'rate' needs a positive rate")
-        total = count * loops
-        if poisson:
-            send_at = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, total))
-            send_at -= send_at[0]
-        else:
-            send_at = np.arange(total, dtype=np.float64) / rate
-    elif timing == "max":
-        send_at = np.zeros(count * loops)
-    else:
-        raise ValueError(f"unknown timing {timing!r}")
+    send_at = replay_times(messages, timing, rate, speed, poisson, loops, seed)
 
-    acquisitions: list[str] = []
-    templates: list[Template] = []
-    cells_per_template: list[int] = []
-    ids_one: list[np.ndarray] = []
-    acq_one: list[int] = []
-    capture_rel: list[np.ndarray] = []  # capture - receipt time as recorded, per cell
-    deadline_rel: list[np.ndarray | None] = []
-    for message in messages:
-        cells = message.decoded
-        if cells is None:
-            templates.append(Template(list(message.frames), []))
-            cells_per_template.append(0)
-            continue
-        if cells.acquisition not in acquisitions:
-            acquisitions.append(cells.acquisition)
-        acq_one.append(acquisitions.index(cells.acquisition))
-        n = cells.count
-        cells_per_template.append(n)
-        ids_one.append(np.asarray(cells.event_ids, np.uint64))
-        capture_rel.append(np.asarray(cells.capture_ns, np.int64) - message.time_ns)
-        if cells.deadline_ns is None:
-            deadline_rel.append(None)
-        else:
-            deadline = np.broadcast_to(np.asarray(cells.deadline_ns, np.int64), (n,))
-            deadline_rel.append(deadline - message.time_ns)
-        if verbatim:
-            templates.append(Template(list(message.frames), []))
-            continue
-        header = message.header or {}
-        builder = codec.HeaderBuilder()
-        has_deadline = transit_ns is not None or cells.deadline_ns is not None
-        for key, value in header.items():
-            if key in (p.EVENT_IDS, p.CAPTURE_NS, p.DEADLINE_NS):
-                continue
-            builder.add(key, value)
-        builder.add_column(p.EVENT_IDS, p.UINT64, n)
-        builder.add_column(p.CAPTURE_NS, p.INT64, n)
-        if has_deadline:
-            builder.add_column(p.DEADLINE_NS, p.INT64, n)
-        frame, views = builder.build()
-        templates.append(Template([frame, *message.frames[1:]], list(views.items())))
+    one = RecordedPass.of(messages, verbatim, transit_ns)
+    acquisitions, templates, capture_rel, deadline_rel = one.acquisitions, one.templates, one.capture_rel, one.deadline_rel
+    ids_one, acq_one, cells_per_template = one.event_ids, one.acquisition, one.cells
 
     per_message = np.array(cells_per_template, np.int64)
     template = np.tile(np.arange(count, dtype=np.int32), loops)
