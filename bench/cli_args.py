@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 DEFAULT_GATE_THRESHOLD = 0.9  # GateConfig's default min_probability
-ENGINES = ("auto", "openvino", "torch", "tensorrt")
+ENGINES = ("auto", "openvino", "torch", "tensorrt", "cuda")
 # The simulated instrument's defaults (bench.simulator uses them too).
 DEFAULT_RATE = 1000.0
 DEFAULT_SECONDS = 20.0
