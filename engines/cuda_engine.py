@@ -30,8 +30,8 @@ buckets; bundles stay read-only). The default is ``none`` or the
 ``FLOWSORT_CUDA_COMPILE`` environment variable.
 
 On the CPU (``device="cpu"``: tests and the dry run of the GPU proof) the same
-class runs the same module on the same buckets eagerly, without graphs or
-streams, so the bookkeeping and the numbers are tested without a GPU.
+class runs the same module (eager or compiled) on the same buckets, without
+graphs or streams, so the bookkeeping and the numbers are tested without a GPU.
 
 torch is imported only when the engine is built: ``import engines`` stays
 free of it.
@@ -254,8 +254,6 @@ class CudaEngine(Engine):
         gpu = device == "cuda"
         super().__init__(bundle, resolved, torch.cuda.get_device_name() if gpu else "CPU", max_batch)
         self.compile = resolve_compile(compile)
-        if not gpu and self.compile != "none":
-            raise UserError(f"engine 'cuda' compiles ({self.compile}) on a GPU only: use compile none on the CPU")
         self.buckets = check_buckets(buckets, max_batch)
         self._torch = torch
         self._gpu = gpu
@@ -317,6 +315,7 @@ class CudaEngine(Engine):
                 return run
 
             return {batch: eager(batch) for batch in self.buckets}
+        torch.backends.cudnn.benchmark = True  # the warmups before each capture pick each shape's fastest kernels
         self._copy_stream = torch.cuda.Stream()
         self._compute_stream = torch.cuda.Stream()
         return self._capture(model)
