@@ -295,6 +295,14 @@ class CudaEngine(Engine):
                 "compute_capability": self.key.compute_capability, "torch": self.key.torch,
                 **({"package": str(self.package)} if self.package else {})}
 
+    def close(self) -> None:
+        """Drop the graphs (their memory pool goes with the last one) so a reloaded model's engine has the room."""
+        if self._gpu and self._runs:
+            self._torch.cuda.synchronize()
+        self._runs.clear()
+        if self._gpu:
+            self._torch.cuda.empty_cache()
+
     def _prepare(self, model: Any) -> dict[int, Callable[[], tuple[Any, ...]]]:
         """Per bucket, a call that runs the model on the first rows of the static input and returns its outputs."""
         torch = self._torch

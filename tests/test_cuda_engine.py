@@ -96,6 +96,7 @@ def test_every_bucket_is_ready_and_padding_leaves_results_unchanged(bundle: Bund
             np.testing.assert_allclose(got.probabilities, reference.probabilities[:n], atol=1e-5)
             np.testing.assert_allclose(got.dead_score, reference.dead_score[:n], rtol=1e-4)
         assert engine.describe()["buckets"] == [1, 4, 16]
+    assert engine.captured == ()  # closed: nothing left to replay
 
 
 def test_uint16_words_are_widened_exactly(bundle: Bundle) -> None:
