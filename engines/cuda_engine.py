@@ -293,6 +293,7 @@ class CudaEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "compile": self.compile, "buckets": list(self.buckets),
                 "compute_capability": self.key.compute_capability, "torch": self.key.torch,
+                "buffer_bytes": buffer_bytes(self.max_batch, self.input_shape, self.num_classes, self.embedding_dim),
                 **({"package": str(self.package)} if self.package else {})}
 
     def close(self) -> None:

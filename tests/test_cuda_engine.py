@@ -95,7 +95,12 @@ def test_every_bucket_is_ready_and_padding_leaves_results_unchanged(bundle: Bund
             assert got.probabilities.shape == (n, engine.num_classes)
             np.testing.assert_allclose(got.probabilities, reference.probabilities[:n], atol=1e-5)
             np.testing.assert_allclose(got.dead_score, reference.dead_score[:n], rtol=1e-4)
-        assert engine.describe()["buckets"] == [1, 4, 16]
+        described = engine.describe()
+        assert described["buckets"] == [1, 4, 16]
+        sizes = described["buffer_bytes"]  # the formula, against what the engine allocated
+        assert sizes["pinned_input"] == sum(tensor.nbytes for tensor in engine._host_words)
+        assert sizes["device_static_input"] == engine._static_input.nbytes
+        assert sizes["pinned_output"] == sum(t.nbytes for tensors in engine._host_outputs for t in tensors)
     assert engine.captured == ()  # closed: nothing left to replay
 
 
