@@ -116,7 +116,7 @@ GPU_PLAN = Plan(
     serve_engine="cuda", serve_max_batch=1024,
     block_levels=(10_000, 25_000, 50_000, 100_000), single_levels=(5_000, 10_000, 20_000, 40_000),
     level_seconds=3.0, growth=1.5, max_rate=400_000, max_p99_ms=TARGETS["e2e_p99_ms"], transit_ms=10.0, pool=4096,
-    budget_s=450.0,
+    budget_s=420.0,
     phase_s={"model": 120, "engine-cuda-fp16": 50, "e2e-blocks": 75, "e2e-single": 60, "engine-cuda-bf16": 40,
              "engine-cuda-aoti-fp16": 120, "service": 60, "engine-torch-fp16": 40, "engine-cuda-inductor-fp16": 90},
 )
@@ -152,7 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--phases", type=phase_list, default=PHASES, metavar="A,B",
                         help=f"phases to run (default all: {','.join(PHASES)})")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole run (default 450 on a GPU, 300 dry)")
+                        help="seconds for the whole run (default 420 on a GPU, 300 dry)")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # one phase, in a child process
     parser.set_defaults(run=run)
 
