@@ -50,8 +50,9 @@ class NullEngine(Engine):
         return self._outputs.first(n)
 
 
-def serve_null(bundle: str, config: str, ready_file: str, core: int | None) -> None:
-    """The child process: the service with :class:`NullEngine`, on ``core``, until SIGTERM."""
+def serve_null(bundle: str, config: str, ready_file: str, core: int | None, stop: Any = None) -> None:
+    """A spawned process's body: the service with :class:`NullEngine`, on ``core`` (None: any), until SIGTERM or
+    until ``stop`` (a multiprocessing Event) is set."""
     import logging
 
     from streamer.config import load_config
@@ -65,7 +66,14 @@ def serve_null(bundle: str, config: str, ready_file: str, core: int | None) -> N
                       engine_factory=lambda b, c: NullEngine(b, c.batching.max_batch))
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
     service.start()
-    service.run_forever()
+
+    def wait(timeout: float) -> None:
+        if stop is not None and stop.wait(timeout):
+            service.request_stop()
+        elif stop is None:
+            time.sleep(timeout)
+
+    service.run_forever(wait)
 
 
 def stage_costs(before: dict[str, float], after: dict[str, float], messages: int) -> dict[str, float]:

@@ -5,7 +5,8 @@ lightweight runtime dependencies alone. The torch model lives in
 ``engines.deepflow`` and is imported only by the trainer and the torch engine.
 
 ``load(bundle)`` returns an :class:`~engines.base.Engine`; ``engine="auto"``
-picks TensorRT on an NVIDIA GPU, else OpenVINO on x86, else torch.
+picks TensorRT on an NVIDIA GPU, else the cuda engine (torch on CUDA, compiled,
+graphs captured) on a CUDA GPU, else OpenVINO on x86, else torch.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from flowsort.errors import UserError
 
 __all__ = ["DEFAULT_MAX_BATCH", "ENGINES", "Engine", "Outputs", "available", "load", "precisions"]
 
-ENGINES = ("tensorrt", "openvino", "torch")
-_MODULES = {"tensorrt": "engines.tensorrt_engine", "openvino": "engines.openvino_engine", "torch": "engines.torch_engine"}
-_CLASSES = {"tensorrt": "TensorRTEngine", "openvino": "OpenVINOEngine", "torch": "TorchEngine"}
-_OPTIONS = {"tensorrt": {"device_id"}, "openvino": {"threads", "streams"}, "torch": {"threads"}}
-_CACHING = {"tensorrt", "openvino"}  # engines keeping compiled models in the engine cache (engines.cache)
+ENGINES = ("tensorrt", "cuda", "openvino", "torch")
+_MODULES = {"tensorrt": "engines.tensorrt_engine", "cuda": "engines.cuda_engine", "openvino": "engines.openvino_engine",
+            "torch": "engines.torch_engine"}
+_CLASSES = {"tensorrt": "TensorRTEngine", "cuda": "CudaEngine", "openvino": "OpenVINOEngine", "torch": "TorchEngine"}
+_OPTIONS = {"tensorrt": {"device_id"}, "cuda": {"compile", "buckets"}, "openvino": {"threads", "streams"},
+            "torch": {"threads"}}
+_CACHING = {"tensorrt", "cuda", "openvino"}  # engines keeping compiled models in the engine cache (engines.cache)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,12 @@ def pick(requested: str) -> str:
         return requested
     if reasons["tensorrt"] is None:
         return "tensorrt"
+    if reasons["cuda"] is None:
+        log.info("TensorRT cannot run (%s): using the cuda engine", reasons["tensorrt"])
+        return "cuda"
     if shutil.which("nvidia-smi"):
-        log.warning("an NVIDIA GPU is present but TensorRT cannot run: %s", reasons["tensorrt"])
+        log.warning("an NVIDIA GPU is present but neither TensorRT nor the cuda engine can run: %s; %s",
+                    reasons["tensorrt"], reasons["cuda"])
     if reasons["openvino"] is None and _module("openvino").is_x86():
         return "openvino"
     if reasons["torch"] is None:
@@ -78,11 +85,11 @@ def load(
 
     ``precision="auto"`` is the engine's fastest validated precision: OpenVINO
     runs the bundle's guard-approved INT8 model if it has one, else bf16 where
-    the CPU has it natively, else fp32; TensorRT fp16; torch fp16 on CUDA and
+    the CPU has it natively, else fp32; TensorRT and cuda fp16; torch fp16 on CUDA and
     fp32 on the CPU. ``cache_dir`` is the root of the engine cache, where compiled models are kept (default
     ``$FLOWSORT_CACHE_DIR``, else the user's cache folder: :mod:`engines.cache`); the bundle is only read.
     ``options`` go to the engine: ``threads`` (openvino, torch), ``streams`` (openvino: batches computed at
-    once, see :mod:`engines.cpu`), ``device_id`` (tensorrt);
+    once, see :mod:`engines.cpu`), ``device_id`` (tensorrt), ``compile`` and ``buckets`` (cuda);
     those set to None are left to the engine's default.
     """
     if not isinstance(bundle, Bundle):

@@ -49,21 +49,21 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     return requested
 
 
-def half_precision_net(net: Any) -> Any:
-    """DeepFlow's body in fp16, channels-last, handing f32 logits and embedding to the head."""
+def reduced_precision_net(net: Any, dtype: Any) -> Any:
+    """DeepFlow's body in ``dtype`` (fp16 or bf16), channels-last, handing f32 logits and embedding to the head."""
     import torch
     from torch import nn
 
-    class HalfNet(nn.Module):
+    class ReducedNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = net.half().to(memory_format=torch.channels_last)
+            self.net = net.to(dtype=dtype, memory_format=torch.channels_last)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, embedding = self.net(x.to(torch.float16, memory_format=torch.channels_last))
+            logits, embedding = self.net(x.to(dtype, memory_format=torch.channels_last))
             return logits.float(), embedding.float()
 
-    return HalfNet()
+    return ReducedNet()
 
 
 class TorchEngine(Engine):
@@ -89,7 +89,7 @@ class TorchEngine(Engine):
         self._cuda = cuda
         module = load_deployed(bundle).to(memory_format=torch.channels_last)
         if resolved == "fp16":
-            module.net = half_precision_net(module.net)
+            module.net = reduced_precision_net(module.net, torch.float16)
         self._module = module.to("cuda" if cuda else "cpu")
         empty = pinned_empty if cuda else np.empty
         # float32 input: exact for uint16, and every device casts it (the module's own cast becomes a no-op).

@@ -63,6 +63,8 @@ COMBINATIONS = [
     ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
     ("torch", "fp32"), ("torch", "fp16"),
     ("tensorrt", "fp32"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
+    ("cuda", "fp32"), ("cuda", "fp16"), ("cuda", "bf16"),
+    ("cuda-on-cpu", "fp32"), ("cuda-on-cpu", "bf16"),  # the cuda engine's eager path, where no GPU is
 ]
 
 
@@ -107,6 +109,10 @@ def reference(bundle: Bundle, fresh_cells: np.ndarray) -> Outputs:
 
 def loaded(bundle: Bundle, name: str, precision: str) -> engines.Engine:
     """The engine, or a skip saying why this machine cannot run it at ``precision``."""
+    if name == "cuda-on-cpu":
+        from engines.cuda_engine import CudaEngine
+
+        return CudaEngine(bundle, precision, max_batch=MAX_BATCH, device="cpu")
     reason = engines.available()[name]
     if reason:
         pytest.skip(reason)
@@ -123,7 +129,7 @@ def test_parity_with_torch_f32(
     bundle: Bundle, fresh_cells: np.ndarray, reference: Outputs, name: str, precision: str
 ) -> None:
     with loaded(bundle, name, precision) as engine:
-        assert (engine.name, engine.precision) == (name, precision)
+        assert (engine.name, engine.precision) == (name.removesuffix("-on-cpu"), precision)
         whole = [engine.infer(fresh_cells[:MAX_BATCH]) for _ in range(DEPTH)]  # views of every buffer set, entire
         got = Outputs(*(np.full_like(array, np.nan) for array in reference))
         start, turn = 0, 0
@@ -155,7 +161,7 @@ def test_parity_with_torch_f32(
 def test_importing_engines_needs_no_torch() -> None:
     code = (
         "import sys, engines, engines.base, engines.int8, engines.openvino_int8, engines.openvino_engine, "
-        "engines.tensorrt_engine, engines.torch_engine; engines.available(); "
+        "engines.tensorrt_engine, engines.torch_engine, engines.cuda_engine; engines.available(); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -165,6 +171,8 @@ def test_auto_picks_the_engine_of_this_machine(bundle: Bundle) -> None:
     reasons = engines.available()
     if reasons["tensorrt"] is None:
         expected = "tensorrt"
+    elif reasons["cuda"] is None:
+        expected = "cuda"
     elif reasons["openvino"] is None and is_x86():
         expected = "openvino"
     else:

@@ -1,6 +1,6 @@
 """Commands contributed by the bench package: one module per command, each with ``add_parser`` and ``run``.
 
-``flowsort bench`` groups the benchmarks (``bench engines``, ``bench e2e``, ``bench overhead``);
+``flowsort bench`` groups the benchmarks (``bench engines``, ``bench e2e``, ``bench overhead``, ``bench gpu``);
 ``simulate``, ``record``, ``replay`` and ``demo`` are commands of their own.
 Parsers only: every command imports its heavy dependencies inside its ``run``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli import bench_e2e, bench_engines, bench_overhead, demo, record, replay, simulate
+from bench.cli import bench_e2e, bench_engines, bench_gpu, bench_overhead, demo, record, replay, simulate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_engines.add_parser(benchmarks)
     bench_e2e.add_parser(benchmarks)
     bench_overhead.add_parser(benchmarks)
+    bench_gpu.add_parser(benchmarks)
     simulate.add_parser(subparsers)
     record.add_parser(subparsers)
     replay.add_parser(subparsers)

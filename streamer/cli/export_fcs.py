@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-ENGINE_CHOICES = ("auto", "tensorrt", "openvino", "torch")
+ENGINE_CHOICES = ("auto", "tensorrt", "cuda", "openvino", "torch")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
