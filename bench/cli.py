@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("bench.engine_bench", "bench.e2e")
+BENCH_MODULES = ("bench.engine_bench", "bench.e2e", "bench.frontier")
 TOP_LEVEL_MODULES = ("bench.simulate_cmd", "bench.record_cmd", "bench.replay_cmd", "bench.demo")
 
 

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--cells must be at least 1")
     bundle = load_bundle(args.bundle)
     dataset = read_dataset(args.dataset)
+    if "held_out" in bundle.manifest:  # cells kept out of training stay out of calibration too
+        from trainer.holdout import held_out_removed
+
+        dataset = held_out_removed(dataset, bundle.manifest)
     cells = int8.calibration_cells(dataset.images, dataset.object_ids, bundle, args.cells, args.seed)
     path = int8.store_calibration(bundle, cells)
     print(f"{len(cells)} calibration cells stored in {path}")

@@ -203,8 +203,13 @@ def fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     description: str = "train",
+    objective: torch.nn.Module | None = None,
 ) -> FitResult:
-    """Train a DeployedDeepFlow on ``train_index``, early-stopping on ``validation_index``."""
+    """Train a DeployedDeepFlow on ``train_index``, early-stopping on ``validation_index``.
+
+    ``objective(output, cell_index, labels)`` replaces the cross-entropy loss (distillation);
+    its own parameters (e.g. a projection head) are trained alongside the network.
+    """
     device = pick_device()
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
@@ -220,8 +225,11 @@ def fit(
     weights, correction = sampling_weights(labels[train_index], num_classes, config.balance)
     correction_t = torch.from_numpy(correction)
     steps_per_epoch = max(1, len(train_index) // config.batch_size)
+    if objective is not None:
+        objective.to(device)
+    trained = [*module.parameters(), *(objective.parameters() if objective is not None else [])]
     optimizer = torch.optim.SGD(
-        module.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -259,8 +267,8 @@ def fit(
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels[part]).to(device)
             with autocast(device, precision):
-                logits = module.net(x).logits
-            loss = F.cross_entropy(logits.float(), y)
+                output = module.net(x)
+            loss = objective(output, part, y) if objective is not None else F.cross_entropy(output.logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
