@@ -264,19 +264,23 @@ def quantize_openvino(bundle: Bundle, calibration: np.ndarray, threads: int | No
 
 
 def count_int8_layers(model: Any) -> dict[str, int]:
-    """Convolutions and matrix products that run in INT8 (fed by a FakeQuantize on weights) vs in float."""
+    """Convolutions and matrix products with INT8 weights (a FakeQuantize or an i8 constant behind them) vs float."""
     counts = {"int8": 0, "float": 0}
     for op in model.get_ordered_ops():
         if op.get_type_name() in ("Convolution", "MatMul"):
-            weights = op.input(1).get_source_output().get_node()
-            counts["int8" if weights.get_type_name() in ("FakeQuantize", "FakeConvert") or
-                   any(w.get_type_name() == "FakeQuantize" for w in _upstream(weights, 3)) else "float"] += 1
+            counts["int8" if any(map(is_int8_weight, upstream(op.input(1).get_source_output().get_node(), 3)))
+                   else "float"] += 1
     return counts
 
 
-def _upstream(node: Any, depth: int) -> list[Any]:
-    found = []
-    frontier = [node]
+def is_int8_weight(node: Any) -> bool:
+    return node.get_type_name() == "FakeQuantize" or (
+        node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in ("i8", "u8"))
+
+
+def upstream(node: Any, depth: int) -> list[Any]:
+    """``node`` and what feeds it, ``depth`` steps back."""
+    found, frontier = [node], [node]
     for _ in range(depth):
         frontier = [i.get_source_output().get_node() for n in frontier for i in n.inputs()]
         found.extend(frontier)
