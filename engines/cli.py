@@ -51,4 +51,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = int8.quantize_openvino(bundle, cells, args.threads)
     print(report.summary())
-    return 0 if report.passed else 1
+    if report.passed and int8.approved_model(bundle) is None:
+        print(f"no INT8 model kept: {int8.ALL_FLOAT}")
+    return 0 if int8.approved_model(bundle) else 1

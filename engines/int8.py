@@ -38,6 +38,7 @@ CALIBRATION_CELLS = 1000
 TARGET_DISAGREEMENT = 0.005
 MODEL_FILE = "model.xml"
 REPORT_FILE = "guard.json"
+ALL_FLOAT = "no layer could be quantized without changing the model's classes on the calibration cells"
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def unavailable_reason(bundle: Bundle) -> str:
             f"precision int8: the bundle {bundle.path} holds no INT8 model yet; create one from the training data "
             f"with `flowsort quantize {bundle.path} DATASET`"
         )
+    if "reason" in report:
+        return f"precision int8: no INT8 model was kept for {bundle.path}: {report['reason']}; use bf16 or fp32"
     return (
         f"precision int8: the INT8 model of {bundle.path} was rejected by the accuracy guard "
         f"(class agreement {report['agreement']:.2%}, accuracy drop {100 * report['accuracy_drop']:.2f} points): "
@@ -253,12 +256,15 @@ def quantize_openvino(bundle: Bundle, calibration: np.ndarray, threads: int | No
         OpenVINOEngine(bundle, "fp32", threads=threads),
         OpenVINOEngine(bundle, "int8", threads=threads, model_path=directory / MODEL_FILE),
     )
-    if not report.passed:
+    layers = count_int8_layers(quantized)
+    # Accuracy control that had to give every layer back to float leaves a float model: not INT8, not kept.
+    kept = report.passed and layers["int8"] > 0
+    if not kept:
         for file in directory.glob("model.*"):
             file.unlink()
     write_report(
         directory, report, calibration_cells=len(calibration), nncf=nncf.__version__, openvino=ov.get_version(),
-        int8_layers=count_int8_layers(quantized),
+        int8_layers=layers, **({} if kept or not report.passed else {"passed": False, "reason": ALL_FLOAT}),
     )
     return report
 

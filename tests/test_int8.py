@@ -35,6 +35,7 @@ def test_passing_quantization_is_kept_and_served(quick_bundle: Path, tmp_path: P
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(int8, "MAX_ACCURACY_DROP", 1.0)
+    monkeypatch.setattr(int8, "TARGET_DISAGREEMENT", 1.0)  # no layer given back to float
     bundle, report = quantized_copy(quick_bundle, tmp_path)
     assert report.passed
     kept = int8.approved_model(bundle)
@@ -56,6 +57,21 @@ def test_failing_quantization_is_refused_and_nothing_is_kept(quick_bundle: Path,
     assert not list(directory.glob("model.*")) and int8.approved_model(bundle) is None
     assert int8.read_report(directory)["passed"] is False
     with pytest.raises(UserError, match="rejected by the accuracy guard"):
+        engines.load(bundle, "openvino", "int8")
+
+
+def test_quantization_that_keeps_every_layer_in_float_is_not_kept(quick_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import nncf
+
+    # As if accuracy control had given every layer back to float: a float model that trivially passes the guard.
+    monkeypatch.setattr(int8, "float_scope", lambda model: nncf.IgnoredScope(types=["Convolution", "MatMul"]))
+    monkeypatch.setattr(int8, "TARGET_DISAGREEMENT", 1.0)
+    bundle, report = quantized_copy(quick_bundle, tmp_path)
+    recorded = int8.read_report(int8.int8_dir(bundle, "openvino"))
+    assert recorded["int8_layers"]["int8"] == 0 and recorded["passed"] is False
+    assert int8.approved_model(bundle) is None
+    with pytest.raises(UserError, match="no layer could be quantized"):
         engines.load(bundle, "openvino", "int8")
 
 
