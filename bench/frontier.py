@@ -193,7 +193,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     measured = [row for row in rows if "accuracy" in row]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "accuracy", "this sample's class mix"), (axes[1], "accuracy_at_mix", "the other class mix")):
+    for ax, key, title in ((axes[0], "accuracy", "this sample's class mix"), (axes[1], "accuracy_at_mix", "the --class-mix (default the paper's)")):
         for precision, marker in (("fp32", "o"), ("bf16", "s"), ("int8", "^")):
             points = [row for row in measured if row["precision"] == precision]
             ax.scatter([r["engine_best_cells_per_s"] for r in points], [100 * r[key] for r in points], marker=marker,
@@ -201,6 +201,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             for row in points:
                 ax.annotate(label(row), (row["engine_best_cells_per_s"], 100 * row[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xscale="log", xlabel="engine cells/s (best batch)", ylabel="accuracy on held-out cells (%)", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
