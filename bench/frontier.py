@@ -18,8 +18,8 @@ Writes ``frontier.json`` and ``frontier.png`` (accuracy against cells/s).
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +32,20 @@ DEFAULT_BATCHES = (1, 8, 32, 64)
 DEAD_CELLS = 2000
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from trainer.class_mix import parse_class_mix
+@dataclass(frozen=True)
+class FrontierSettings:
+    """What `flowsort bench frontier` measures and where it writes."""
 
-    parser = subparsers.add_parser(
-        "frontier",
-        help="accuracy on held-out cells against engine and end-to-end speed, for a teacher and its students",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    parser.add_argument("teacher", type=Path, help="the full-width bundle")
-    parser.add_argument("dataset", type=Path, help="the labeled dataset every model was trained on")
-    parser.add_argument("--students", type=Path, nargs="*", default=[], metavar="BUNDLE", help="student bundles")
-    parser.add_argument("--class-mix", type=parse_class_mix, default=parse_class_mix(PAPER_MIX), metavar="CLASS=N,...",
-                        help="the second class mix to score at (default the paper's)")
-    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)), metavar="N,N",
-                        help=f"engine batch sizes (default {','.join(map(str, DEFAULT_BATCHES))})")
-    parser.add_argument("--seconds", type=float, default=2.0, help="engine timing per batch size (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for OpenVINO (default: all)")
-    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end sweep through `flowsort serve`")
-    parser.add_argument("--e2e-seconds", type=float, default=4.0, help="seconds per end-to-end level (default 4)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/frontier"), help="output folder")
-    parser.set_defaults(run=run)
+    teacher: Path
+    dataset: Path
+    students: tuple[Path, ...] = ()
+    class_mix: dict[str, float] | None = None  # None: the paper's
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCHES
+    seconds: float = 2.0
+    threads: int | None = None
+    skip_e2e: bool = False
+    e2e_seconds: float = 4.0
+    out: Path = Path("runs/bench/frontier")
 
 
 def held_out_cells(bundles: list[Any], dataset_path: Path) -> tuple[Any, np.ndarray]:
@@ -82,17 +75,18 @@ def held_out_cells(bundles: list[Any], dataset_path: Path) -> tuple[Any, np.ndar
 
 def dead_cell_auroc(engine: Any, bundle: Any) -> float | None:
     """AUROC of the dead score, dead cells and debris against live ones, on fresh simulated cells."""
+    from bench.cell_sources import synthetic_cells
     from engines.base import predict_all
     from trainer.evaluation import dead_cell_metrics
-    from trainer.synthetic import generate
 
-    cells = generate(DEAD_CELLS, seed=4242, size=bundle.input_size, prior="jurkat", dead_fraction=0.1, debris_fraction=0.1)
+    cells = synthetic_cells(DEAD_CELLS, bundle.input_size, seed=4242, dead_fraction=0.1, debris_fraction=0.1)
+    assert cells.truth is not None and cells.truth.dead is not None and cells.truth.debris is not None
     outputs = predict_all(engine, cells.images)
-    return dead_cell_metrics(outputs.dead_score, bundle, cells.dead | cells.debris)["auroc"]
+    return dead_cell_metrics(outputs.dead_score, bundle, cells.truth.dead | cells.truth.debris)["auroc"]
 
 
 def measure_model(bundle: Any, images: np.ndarray, labels: np.ndarray, mix: dict[str, float],
-                  args: argparse.Namespace, sizes: tuple[int, ...], tick: Any) -> list[dict[str, Any]]:
+                  settings: FrontierSettings, tick: Any) -> list[dict[str, Any]]:
     """One row per precision: accuracy at both mixes, engine speed, dead-cell AUROC."""
     import engines
     from bench.engine_bench import bench_engine
@@ -100,16 +94,17 @@ def measure_model(bundle: Any, images: np.ndarray, labels: np.ndarray, mix: dict
     from trainer.class_mix import ClassMix
 
     rows = []
+    sizes = settings.batch_sizes
     timing_cells = np.ascontiguousarray(np.resize(images, (max(sizes), *images.shape[1:])))
     for precision in engines.precisions("openvino", bundle):
         try:
-            engine = engines.load(bundle, "openvino", precision, max_batch=max(sizes), threads=args.threads)
+            engine = engines.load(bundle, "openvino", precision, max_batch=max(sizes), threads=settings.threads)
         except UserError as exc:  # e.g. INT8 rejected by its guard: the frontier says why and goes on
             rows.append({"model": str(bundle.path), "precision": precision, "unavailable": str(exc)})
             continue
         with engine:
             probabilities = predict_all(engine, images).probabilities
-            speed = bench_engine(engine, timing_cells, sizes, args.seconds, tick)
+            speed = bench_engine(engine, timing_cells, sizes, settings.seconds, tick)
             auroc = dead_cell_auroc(engine, bundle) if precision in ("fp32", "bf16") else None
         best = max(speed, key=lambda row: row["throughput_cells_per_s"])
         at_mix = ClassMix.of(bundle.class_names, mix, bundle.class_prior).metrics(probabilities, labels)
@@ -127,58 +122,56 @@ def measure_model(bundle: Any, images: np.ndarray, labels: np.ndarray, mix: dict
 
 def end_to_end(bundle_path: Path, out: Path, seconds: float, start_rate: float) -> dict[str, Any]:
     """`bench e2e`'s sweep for one model, starting near its engine speed; the sustained rate it found."""
-    from bench import e2e
+    from bench.e2e import SweepSettings, sweep_engines
 
-    parser = argparse.ArgumentParser()
-    e2e.add_parser(parser.add_subparsers())
     levels = ",".join(str(int(start_rate * f)) for f in (0.25, 0.5, 0.75))
-    args = parser.parse_args(["e2e", str(bundle_path), "--engines", "openvino", "--levels", levels,
-                              "--seconds", str(seconds), "--target-rate", "0", "-o", str(out)])
-    e2e.run(args)
-    report = json.loads((out / "e2e.json").read_text())["engines"][0]
+    report = sweep_engines(SweepSettings(bundle=bundle_path, engines="openvino", levels=levels, seconds=seconds,
+                                         target_rate=0, out=out))["engines"][0]
     return {"precision": report["precision"], "max_sustained_cells_per_s": report["max_sustained_cells_per_s"]}
 
 
-def run(args: argparse.Namespace) -> int:
+def measure_frontier(settings: FrontierSettings) -> dict[str, Any]:
+    """Measure every model, write frontier.json and frontier.png to ``settings.out``, print the table."""
     from tqdm import tqdm
 
-    from bench.engine_bench import batch_sizes, machine
+    from bench.run_summary import describe_machine
     from engines.bundle import load_bundle
+    from trainer.class_mix import parse_class_mix
     from trainer.evaluation import model_labels
 
-    sizes = batch_sizes(args.batch_sizes)
-    if args.seconds <= 0 or args.e2e_seconds <= 0:
+    if settings.seconds <= 0 or settings.e2e_seconds <= 0:
         raise UserError("--seconds and --e2e-seconds must be positive")
-    bundles = [load_bundle(args.teacher), *(load_bundle(path) for path in args.students)]
-    dataset, held_out = held_out_cells(bundles, args.dataset)
+    mix = settings.class_mix if settings.class_mix is not None else parse_class_mix(PAPER_MIX)
+    bundles = [load_bundle(settings.teacher), *(load_bundle(path) for path in settings.students)]
+    dataset, held_out = held_out_cells(bundles, settings.dataset)
     images = np.ascontiguousarray(dataset.images[held_out])
     labels = model_labels(bundles[0], dataset.subset(held_out))
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(bundles) * 3 * len(sizes), unit="point", desc="frontier") as progress:
+    with tqdm(total=len(bundles) * 3 * len(settings.batch_sizes), unit="point", desc="frontier") as progress:
         for bundle in bundles:
-            model_rows = measure_model(bundle, images, labels, args.class_mix, args, sizes, progress.update)
-            if not args.skip_e2e:
+            model_rows = measure_model(bundle, images, labels, mix, settings, progress.update)
+            if not settings.skip_e2e:
                 fastest = max((r["engine_b1_cells_per_s"] or 0 for r in model_rows if "accuracy" in r), default=0)
-                e2e = end_to_end(bundle.path, args.out / "e2e" / bundle.path.name, args.e2e_seconds, fastest)
+                e2e = end_to_end(bundle.path, settings.out / "e2e" / bundle.path.name, settings.e2e_seconds, fastest)
                 for row in model_rows:
                     if row.get("precision") == e2e["precision"]:
                         row["e2e_max_sustained_cells_per_s"] = e2e["max_sustained_cells_per_s"]
             rows += model_rows
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "teacher": str(args.teacher), "dataset": str(args.dataset), "machine": machine(),
+        "teacher": str(settings.teacher), "dataset": str(settings.dataset), "machine": describe_machine(),
         "held_out": {**bundles[0].manifest["held_out"], "class_counts": dict(zip(
             dataset.class_names, np.bincount(labels, minlength=len(dataset.class_names)).tolist()))},
-        "class_mix": args.class_mix, "settings": {"batch_sizes": list(sizes), "seconds": args.seconds,
-                                                  "threads": args.threads, "e2e": not args.skip_e2e,
-                                                  "e2e_seconds": args.e2e_seconds},
+        "class_mix": mix, "settings": {"batch_sizes": list(settings.batch_sizes), "seconds": settings.seconds,
+                                                  "threads": settings.threads, "e2e": not settings.skip_e2e,
+                                                  "e2e_seconds": settings.e2e_seconds},
         "results": rows,
     }
-    (args.out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, args.out / "frontier.png")
+    (settings.out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, settings.out / "frontier.png")
     print(table(rows))
-    print(f"written {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
-    return 0
+    print(f"written {settings.out / 'frontier.json'} and {settings.out / 'frontier.png'}")
+    return report
 
 
 def label(row: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """The model's speed on this machine, measured when serving starts, against the event rate expected.
 
 An operator picks a model for an event rate (docs/benchmarks.md, the frontier);
-this says at start whether the machine can keep up. The engine alone is timed
-for a fraction of a second at batch 1 and at larger batches. End to end, with
+this says at start whether the machine can keep up, from the engine times per
+batch size that the service's planner measures anyway (streamer/model.py). End to end, with
 Poisson arrivals and a p99 budget of 10-20 ms, ``flowsort serve`` sustained
 about 30% of the engine's best-batch rate on the 2-core reference machine
 (full width 156 of 474 cells/s, width 0.5 500 of 1,645), because only small
@@ -13,16 +13,9 @@ is the estimate used here.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from engines.base import Engine
-
 SUSTAINED_SHARE = 0.3  # measured e2e max sustained / engine best-batch rate (docs/benchmarks.md)
-PROBE_BATCHES = (1, 8, 32)
-PROBE_SECONDS = 0.3  # per batch size
 
 
 @dataclass(frozen=True)
@@ -36,24 +29,16 @@ class EngineSpeed:
         return SUSTAINED_SHARE * self.best_cells_per_s
 
 
-def measure_engine_speed(engine: Engine, cells: np.ndarray, seconds: float = PROBE_SECONDS) -> EngineSpeed:
-    """Cells/s of ``engine.infer`` on ``cells`` (tiled to the batch sizes), after one warm-up call per size."""
-    rates = {}
-    for batch in (b for b in PROBE_BATCHES if b <= engine.max_batch):
-        batch_cells = np.ascontiguousarray(np.resize(cells, (batch, *cells.shape[1:])))
-        engine.infer(batch_cells)
-        calls, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds or calls == 0:
-            engine.infer(batch_cells)
-            calls += 1
-        rates[batch] = calls * batch / elapsed
+def speed_from_costs(costs: dict[int, float]) -> EngineSpeed:
+    """Cells/s per batch size from the engine times (ns per call) the service's planner measured at start."""
+    rates = {batch: batch * 1e9 / cost for batch, cost in costs.items()}
     best = max(rates, key=rates.__getitem__)
-    return EngineSpeed(batch1_cells_per_s=rates[1], best_cells_per_s=rates[best], best_batch=best)
+    return EngineSpeed(batch1_cells_per_s=rates[min(rates)], best_cells_per_s=rates[best], best_batch=best)
 
 
 def capacity_message(speed: EngineSpeed, expected_rate: float | None) -> tuple[int, str]:
     """(logging level, line) describing the speed and, given an expected rate, whether it is reachable."""
-    line = (f"engine speed here: {speed.batch1_cells_per_s:,.0f} cells/s at batch 1, {speed.best_cells_per_s:,.0f} "
+    line = (f"engine speed here: {speed.batch1_cells_per_s:,.0f} cells/s at the smallest batch, {speed.best_cells_per_s:,.0f} "
             f"at batch {speed.best_batch}; about {speed.sustainable_cells_per_s:,.0f} cells/s sustainable end to end")
     if not expected_rate:
         return logging.INFO, line
@@ -66,9 +51,9 @@ def capacity_message(speed: EngineSpeed, expected_rate: float | None) -> tuple[i
     return logging.INFO, f"{line}: the expected {expected_rate:,.0f} cells/s fits"
 
 
-def log_engine_speed(engine: Engine, cells: np.ndarray, expected_rate: float | None, log: logging.Logger) -> EngineSpeed:
-    """Measure and log; the service calls this once the engine is warm, before accepting cells."""
-    speed = measure_engine_speed(engine, cells)
+def log_engine_speed(costs: dict[int, float], expected_rate: float | None, log: logging.Logger) -> EngineSpeed:
+    """Log the speed the planner's profile shows; the service calls this once the engine is warm."""
+    speed = speed_from_costs(costs)
     level, line = capacity_message(speed, expected_rate)
     log.log(level, "%s", line)
     return speed

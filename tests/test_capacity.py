@@ -10,14 +10,16 @@ import pytest
 import engines
 from engines.bundle import load_bundle
 from streamer.capacity import EngineSpeed, capacity_message, log_engine_speed
+from streamer.model import profile
 
 
 def test_speed_is_measured_on_the_engine_and_logged(quick_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
     bundle = load_bundle(quick_bundle)
     images, _ = bundle.validation_cells()
     with engines.load(bundle, "auto", "fp32", max_batch=8) as engine, caplog.at_level(logging.INFO):
-        speed = log_engine_speed(engine, images, expected_rate=1e9, log=logging.getLogger("flowsort.test"))
-    assert speed.batch1_cells_per_s > 0 and speed.best_batch in (1, 8)  # 32 exceeds max_batch and is not probed
+        costs = profile(engine, images[:8], (1, 8), runs=1)  # the planner's profile, as the service takes it
+        speed = log_engine_speed(costs, expected_rate=1e9, log=logging.getLogger("flowsort.test"))
+    assert speed.batch1_cells_per_s > 0 and speed.best_batch in (1, 8)
     assert speed.best_cells_per_s >= speed.batch1_cells_per_s
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning and "above what this model can classify" in warning[0].getMessage()
