@@ -62,7 +62,8 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def test_distilled_student_is_at_least_as_good_as_one_trained_on_labels_alone(
     student: Path, synthetic_dataset: Path, split, fresh
 ) -> None:
-    from trainer.inference import load_deployed, predict
+    from engines.deployed_model import load_deployed
+    from trainer.predictions import predict
 
     images, stages = fresh
     alone = fit(read_dataset(synthetic_dataset), *split, STUDENT).module.cpu().eval()

@@ -65,7 +65,7 @@ def test_quantization_that_keeps_every_layer_in_float_is_not_kept(quick_bundle: 
     import nncf
 
     # As if accuracy control had given every layer back to float: a float model that trivially passes the guard.
-    monkeypatch.setattr(int8, "float_scope", lambda model: nncf.IgnoredScope(types=["Convolution", "MatMul"]))
+    monkeypatch.setattr(openvino_int8, "float_scope", lambda model: nncf.IgnoredScope(types=["Convolution", "MatMul"]))
     monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENT", 1.0)
     bundle, report = quantized_copy(quick_bundle, tmp_path)
     recorded = int8.read_report(int8.int8_dir(bundle, "openvino"))
