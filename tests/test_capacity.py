@@ -35,3 +35,12 @@ def test_capacity_message(rate: float | None, level: int, words: str) -> None:
     speed = EngineSpeed(batch1_cells_per_s=400, best_cells_per_s=1000, best_batch=32)  # ~300 sustainable
     got_level, line = capacity_message(speed, rate)
     assert got_level == level and words in line
+
+
+def test_expected_rate_is_read_from_the_service_section_and_checked() -> None:
+    from streamer.config import ConfigError, parse_config
+
+    assert parse_config({}).service.expected_rate == 0.0  # not set
+    assert parse_config({"service": {"expected_rate": 1000}}).service.expected_rate == 1000
+    with pytest.raises(ConfigError, match=r"\[service\] expected_rate must be >= 0"):
+        parse_config({"service": {"expected_rate": -5}})
