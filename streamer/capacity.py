@@ -30,7 +30,11 @@ class EngineSpeed:
 
 
 def speed_from_costs(costs: dict[int, float]) -> EngineSpeed:
-    """Cells/s per batch size from the engine times (ns per call) the service's planner measured at start."""
+    """Cells/s per batch size from the engine times (ns per call) the service's planner measured at start.
+
+    One call at a time, as `bench engines` timed the rates ``SUSTAINED_SHARE`` was measured against
+    (the planner's ceiling also counts the engine's parallel streams).
+    """
     rates = {batch: batch * 1e9 / cost for batch, cost in costs.items()}
     best = max(rates, key=rates.__getitem__)
     return EngineSpeed(batch1_cells_per_s=rates[min(rates)], best_cells_per_s=rates[best], best_batch=best)
@@ -39,7 +43,7 @@ def speed_from_costs(costs: dict[int, float]) -> EngineSpeed:
 def capacity_message(speed: EngineSpeed, expected_rate: float | None) -> tuple[int, str]:
     """(logging level, line) describing the speed and, given an expected rate, whether it is reachable."""
     line = (f"engine speed here: {speed.batch1_cells_per_s:,.0f} cells/s at the smallest batch, {speed.best_cells_per_s:,.0f} "
-            f"at batch {speed.best_batch}; about {speed.sustainable_cells_per_s:,.0f} cells/s sustainable end to end")
+            f"at batch {speed.best_batch}, one call at a time; about {speed.sustainable_cells_per_s:,.0f} cells/s sustainable end to end")
     if not expected_rate:
         return logging.INFO, line
     if expected_rate > speed.best_cells_per_s:
