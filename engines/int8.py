@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 MIN_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.005
-CALIBRATION_CELLS = 300
+CALIBRATION_CELLS = 1000
 MODEL_FILE = "model.xml"
 REPORT_FILE = "guard.json"
 BUNDLE_DIR = Path("engines") / "int8"  # in the bundle, beside its checksummed files
@@ -135,6 +135,8 @@ def unavailable_reason(bundle: Bundle) -> str:
             f"precision int8: the bundle {bundle.path} holds no INT8 model yet; create one from the training data "
             f"with `flowsort quantize {bundle.path} DATASET`"
         )
+    if "reason" in report:
+        return f"precision int8: no INT8 model was kept for {bundle.path}: {report['reason']}; use bf16 or fp32"
     return (
         f"precision int8: the INT8 model of {bundle.path} was rejected by the accuracy guard "
         f"(class agreement {report['agreement']:.2%}, accuracy drop {100 * report['accuracy_drop']:.2f} points): "

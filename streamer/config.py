@@ -134,6 +134,7 @@ class ServiceConfig:
     drain_timeout_s: float = 10.0
     record: str = ""  # acquisition file appended with every received message (also --record)
     results: str = ""  # FCS 3.1 results written live; {acquisition} gives one file per acquisition (also --results)
+    expected_rate: float = 0.0  # cells/s the instrument will send; 0: not set. Checked against the engine at start
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,8 @@ def validate(config: StreamerConfig) -> None:
     need(0 <= config.health.port <= 65535, f"[health] port must be 0..65535, got {config.health.port}")
     need(config.logging.reject_interval_s >= 0, f"[logging] reject_interval_s must be >= 0, got {config.logging.reject_interval_s}")
     need(config.service.drain_timeout_s > 0, f"[service] drain_timeout_s must be positive, got {config.service.drain_timeout_s}")
+    need(config.service.expected_rate >= 0,
+         f"[service] expected_rate must be >= 0 cells/s (0: not set), got {config.service.expected_rate}")
     if config.security.curve:
         need(bool(config.security.secret_key_file),
              "[security] curve = true needs secret_key_file (make a key pair with `flowsort keys NAME`)")

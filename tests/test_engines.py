@@ -218,7 +218,7 @@ def test_quantize_keeps_int8_only_when_it_passes_the_guard(bundle: Bundle, quant
     assert quantized["cells"] == len(bundle.validation_cells()[1])
     assert int8.load_calibration(bundle).shape == (200, 2, 40, 40)
     if not quantized["passed"]:
-        with pytest.raises(UserError, match="rejected by the accuracy guard"):
+        with pytest.raises(UserError, match="rejected by the accuracy guard|no INT8 model was kept"):
             engines.load(bundle, "openvino", "int8")
 
 

@@ -20,6 +20,12 @@ from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_spl
 INNER_VALIDATION_FRACTION = 0.1
 
 
+def fold_parts(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions into ``labels`` of each stratified fold: the one split every K-fold figure uses."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
 def cross_validate(
     dataset: CellDataset,
     labeled: np.ndarray,
@@ -42,9 +48,8 @@ def cross_validate(
     merge_mapping = merged_classes(dataset.class_names, report_merges)[1] if report_merges else None
     labels = dataset.labels[labeled]
     min_count = int(np.bincount(labels[labels >= 0]).min(initial=0))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
     per_fold = []
-    for k, (train_part, test_part) in enumerate(splitter.split(np.zeros(len(labeled)), labels)):
+    for k, (train_part, test_part) in enumerate(fold_parts(labels, folds, config.seed)):
         inner_train, inner_val = stratified_split(labels[train_part], INNER_VALIDATION_FRACTION, config.seed + k)
         train_index, val_index = labeled[train_part][inner_train], labeled[train_part][inner_val]
         test_index = labeled[test_part]

@@ -100,8 +100,12 @@ def write_bundle(
     config: TrainConfig,
     dead_quantile: float = 0.99,
     extra_metrics: dict[str, Any] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the bundle directory ``out`` (replacing the model files there)."""
+    """Write the bundle directory ``out`` (replacing the model files there).
+
+    ``extra_manifest`` adds top-level bundle.json sections (the held-out fold, distillation settings).
+    """
     module = fitted.module.cpu().eval()
     fitted_parts = calibrate_and_fit_detector(module, dataset, train_index, validation_index, dead_quantile)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,5 +163,6 @@ def write_bundle(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
+    manifest.update(extra_manifest or {})
     write_manifest(out, manifest, [ONNX_FILE, WEIGHTS_FILE, VALIDATION_FILE])
     return out

@@ -214,8 +214,13 @@ def fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     description: str = "train",
+    objective: torch.nn.Module | None = None,
 ) -> FitResult:
-    """Train a DeployedDeepFlow on ``train_index``, early-stopping on ``validation_index``."""
+    """Train a DeployedDeepFlow on ``train_index``, early-stopping on ``validation_index``.
+
+    ``objective(output, cell_index, labels)`` replaces the cross-entropy loss (distillation);
+    its own parameters (e.g. a projection head) are trained alongside the network.
+    """
     device = pick_device()
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
@@ -223,7 +228,10 @@ def fit(
     module = new_module(dataset, train_index, config, device)
     weights, correction = sampling_weights(labels[train_index], len(dataset.class_names), config.balance)
     steps_per_epoch = max(1, len(train_index) // config.batch_size)
-    optimizer, scheduler = optimizer_and_schedule(module, config, steps_per_epoch)
+    if objective is not None:
+        objective.to(device)
+    trained = [*module.parameters(), *(objective.parameters() if objective is not None else [])]
+    optimizer, scheduler = optimizer_and_schedule(trained, config, steps_per_epoch)
     progress = Progress()
     if resume and checkpoint is not None and checkpoint.is_file():
         progress = load_checkpoint(checkpoint, device, config, module, optimizer, scheduler)
@@ -237,7 +245,7 @@ def fit(
         rng = np.random.default_rng([config.seed, epoch])
         order = rng.choice(train_index, size=steps_per_epoch * config.batch_size, replace=True, p=weights)
         loss = train_epoch(module, dataset.images, labels, order, epoch, config, device, precision, optimizer,
-                           scheduler, bar, progress.best)
+                           scheduler, bar, progress.best, objective)
         val_logits, _ = logits_and_embedding(module, dataset.images, validation_index, precision=precision)
         metrics = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0]}
         if len(validation_index):
@@ -270,11 +278,11 @@ def new_module(dataset: CellDataset, train_index: np.ndarray, config: TrainConfi
 
 
 def optimizer_and_schedule(
-    module: DeployedDeepFlow, config: TrainConfig, steps_per_epoch: int
+    trained: list[torch.nn.Parameter], config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Nesterov SGD with a linear warmup and a cosine decay over all steps."""
+    """Nesterov SGD over ``trained`` with a linear warmup and a cosine decay over all steps."""
     optimizer = torch.optim.SGD(
-        module.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -287,8 +295,10 @@ def train_epoch(
     module: DeployedDeepFlow, images: np.ndarray, labels: np.ndarray, order: np.ndarray, epoch: int,
     config: TrainConfig, device: torch.device, precision: str, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR, bar: Any, best: dict[str, float] | None,
+    objective: torch.nn.Module | None = None,
 ) -> float:
-    """One pass over ``order`` in batches, augmented; returns the mean training loss."""
+    """One pass over ``order`` in batches, augmented; returns the mean training loss
+    (cross-entropy, or ``objective`` where :func:`fit` was given one)."""
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     module.train()
     running = 0.0
@@ -299,8 +309,8 @@ def train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(labels[part]).to(device)
         with autocast(device, precision):
-            logits = module.net(x).logits
-        loss = F.cross_entropy(logits.float(), y)
+            output = module.net(x)
+        loss = objective(output, part, y) if objective is not None else F.cross_entropy(output.logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -14,7 +14,8 @@ import torch
 from flowsort.errors import UserError
 from trainer.class_mix import ClassMix
 from trainer.crossval import cross_validate
-from trainer.dataset import read_dataset
+from trainer.dataset import CellDataset, read_dataset
+from trainer.holdout import MANIFEST_KEY, HeldOutFold
 from trainer.merges import apply_merges
 from trainer.package import write_bundle
 from trainer.train import TrainConfig, fit, stratified_split
@@ -35,13 +36,12 @@ def train_bundle(
     dead_quantile: float = DEAD_QUANTILE,
     threads: int | None = None,
     resume: bool = False,
+    held_out: HeldOutFold | None = None,
 ) -> dict[str, Any]:
-    """Train on the labeled cells of ``dataset_path`` (after ``merges``), optionally cross-validate first, and
-    write the bundle to ``output``; prints progress and returns the bundle's manifest."""
-    if threads:
-        torch.set_num_threads(threads)
-    if not 0 < val_fraction < 1:
-        raise UserError("--val-fraction must be between 0 and 1")
+    """Train on the labeled cells of ``dataset_path`` (after ``merges``, outside the ``held_out`` fold),
+    optionally cross-validate first, and write the bundle to ``output``; prints progress and returns the
+    bundle's manifest."""
+    check_run_settings(val_fraction, dead_quantile, threads)
     if folds == 1 or folds < 0:
         raise UserError("--folds must be 0 (no cross-validation) or at least 2")
     if cv_merges and not folds:
@@ -49,17 +49,16 @@ def train_bundle(
     if class_mix and not folds:
         raise UserError("--class-mix reports cross-validation: give --folds K as well "
                         "(or score a bundle with `flowsort evaluate --class-mix`)")
-    if not 0 < dead_quantile < 1:
-        raise UserError("--dead-quantile must be between 0 and 1")
+    if held_out and folds:
+        raise UserError("--hold-out and --folds both choose what to train on: give one of them")
     dataset = apply_merges(read_dataset(dataset_path), merges)
-    if not dataset.is_labeled:
-        raise UserError(f"{dataset_path} has no labeled cells: training needs class folders")
-    labeled = np.flatnonzero(dataset.labels >= 0)
+    labeled = trainable_cells(dataset, held_out, dataset_path)
     if class_mix:  # refuse a mix that names the wrong classes now, not after the folds have trained
         ClassMix.of(dataset.class_names, class_mix,
                     np.bincount(dataset.labels[labeled], minlength=len(dataset.class_names)) / len(labeled))
     checkpoints = output / "checkpoints"
-    counts = ", ".join(f"{name} {count}" for name, count in dataset.class_counts().items())
+    counts = ", ".join(f"{name} {count}" for name, count in zip(
+        dataset.class_names, np.bincount(dataset.labels[labeled], minlength=len(dataset.class_names))))
     print(f"training on {len(labeled)} labeled cells ({counts}), input {dataset.input_size}x{dataset.input_size}, "
           f"channels {list(dataset.channels)}")
 
@@ -73,11 +72,46 @@ def train_bundle(
                       f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
                       f"{block['balanced_accuracy']['sd']:.4f}")
 
-    train_part, val_part = stratified_split(dataset.labels[labeled], val_fraction, config.seed)
-    train_index, val_index = labeled[train_part], labeled[val_part]
+    train_index, val_index = final_split(dataset, labeled, val_fraction, config.seed)
     fitted = fit(dataset, train_index, val_index, config, checkpoints / "final.pt", resume, description="final model")
-    write_bundle(output, fitted, dataset, train_index, val_index, config, dead_quantile, extra)
+    write_bundle(output, fitted, dataset, train_index, val_index, config, dead_quantile, extra,
+                 held_out_manifest(dataset, held_out))
     shutil.rmtree(checkpoints, ignore_errors=True)
+    return print_bundle_summary(output)
+
+
+def check_run_settings(val_fraction: float, dead_quantile: float, threads: int | None) -> None:
+    """The settings every bundle-writing run shares (`flowsort train`, `flowsort distill`), checked before work."""
+    if threads:
+        torch.set_num_threads(threads)
+    if not 0 < val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1")
+    if not 0 < dead_quantile < 1:
+        raise UserError("--dead-quantile must be between 0 and 1")
+
+
+def trainable_cells(dataset: CellDataset, held_out: HeldOutFold | None, path: Path) -> np.ndarray:
+    """The labeled cells a model may learn from: all of them, or those outside the held-out fold."""
+    if not dataset.is_labeled:
+        raise UserError(f"{path} has no labeled cells: training needs class folders")
+    return held_out.split(dataset)[0] if held_out else np.flatnonzero(dataset.labels >= 0)
+
+
+def final_split(
+    dataset: CellDataset, labeled: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset indices (train, validation) of the shipped model: a stratified split of ``labeled``."""
+    train_part, val_part = stratified_split(dataset.labels[labeled], val_fraction, seed)
+    return labeled[train_part], labeled[val_part]
+
+
+def held_out_manifest(dataset: CellDataset, held_out: HeldOutFold | None) -> dict[str, Any] | None:
+    """The bundle.json section naming the fold kept out of training, if any."""
+    return {MANIFEST_KEY: held_out.record(dataset)} if held_out else None
+
+
+def print_bundle_summary(output: Path) -> dict[str, Any]:
+    """Print the written bundle's headline figures; returns its manifest."""
     manifest = json.loads((output / "bundle.json").read_text())
     val = manifest["metrics"]["validation"]
     detector = manifest["dead_cell_detector"]

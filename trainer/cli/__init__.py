@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trainer.cli import gallery, import_dataset, import_ideas, import_montage, import_synthetic, train
-from trainer.cli import embed, evaluate, quantize
+from trainer.cli import distill, embed, evaluate, quantize
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     import_dataset.add_parser(sources)
     gallery.add_parser(subparsers)
     train.add_parser(subparsers)
+    distill.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     embed.add_parser(subparsers)
     quantize.add_parser(subparsers)

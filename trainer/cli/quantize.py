@@ -31,9 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engines import int8
-    from engines.openvino_int8 import quantize_openvino
     from engines.bundle import load_bundle
     from engines.openvino_engine import is_x86
+    from engines.openvino_int8 import ALL_FLOAT, quantize_openvino
     from flowsort.errors import UserError
     from trainer.dataset import read_dataset
 
@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     int8.require_writable(bundle)
     dataset = read_dataset(args.dataset)
+    if "held_out" in bundle.manifest:  # cells kept out of training stay out of calibration too
+        from trainer.holdout import held_out_removed
+
+        dataset = held_out_removed(dataset, bundle.manifest)
     cells = int8.calibration_cells(dataset.images, dataset.object_ids, bundle, args.cells, args.seed)
     print(f"writing into the bundle {bundle.path}: calibration cells and the INT8 model under {int8.BUNDLE_DIR}/")
     path = int8.store_calibration(bundle, cells)
@@ -51,4 +55,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = quantize_openvino(bundle, cells, args.threads)
     print(report.summary())
-    return 0 if report.passed else 1
+    if report.passed and int8.approved_model(bundle) is None:
+        print(f"no INT8 model kept: {ALL_FLOAT}")
+    return 0 if int8.approved_model(bundle) else 1
