@@ -19,7 +19,7 @@ batch is due and which cells it holds:
   capped at the largest size that still finishes before the earliest deadline
   among the cells it takes (a backlog on an engine whose big batches are only
   slightly cheaper per cell must not turn into one batch that makes every
-  cell late);
+  cell late), but not shrunk where no size would make that deadline;
 * cells whose deadline has already passed are not run: they come back as
   ``expired`` to be answered late at once;
 * cells are shed at the door: a cell whose deadline has passed when it arrives
@@ -102,11 +102,13 @@ class Planner:
         return self.first[min(queued, self.max_size)] if queued > 0 else 0
 
     def fit(self, size: int, budget_ns: float) -> int:
-        """The largest allowed size up to ``size`` that runs within ``budget_ns`` (the smallest if none does)."""
+        """The largest allowed size up to ``size`` that runs within ``budget_ns``; ``size`` itself if none does:
+        the earliest cells are late whatever runs, and a smaller batch would only make the cells behind them
+        later (a queue drained one cell at a time on an engine whose batches cost about the same collapses)."""
         for s in reversed(self.sizes):
             if s <= size and self.costs[s] <= budget_ns:
                 return s
-        return self.sizes[0]
+        return size
 
     def pad_size(self, cells: int) -> int:
         """The smallest allowed size holding ``cells`` cells."""
