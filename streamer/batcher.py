@@ -8,9 +8,10 @@ batch is due and which cells it holds:
 * a batch is due when the queue holds the largest batch size, when the oldest
   queued cell has waited ``max_delay`` (at once on an engine for which bigger
   batches cost as much per cell, or on one that computes several batches at
-  once while one of them is idle: the queue grows while all are busy), or when waiting longer would make the
-  earliest deadline among the cells of the next batch impossible to meet given
-  the engine's measured time for that batch (plus whatever is still running);
+  once while one of them is idle: the queue grows while all are busy), or
+  when waiting longer would make the earliest deadline among the cells of the
+  next batch impossible to meet given the engine's measured time for that
+  batch (plus whatever is still running);
   an end-of-acquisition :class:`Marker` or draining makes everything due now;
 * a batch merges small segments and splits large ones; its size comes from the
   :class:`Planner`, which knows what each allowed batch size costs on this
@@ -185,11 +186,11 @@ class Piece:
         return len(self.index)
 
 
-def _take_cells(segment: Segment, index: np.ndarray) -> tuple[Any, ...]:
-    """The fields of a new segment holding ``index`` of ``segment``'s cells."""
-    capture = None if segment.capture_ns is None else segment.capture_ns[index]
-    return (segment.acquisition, segment.event_ids[index], segment.pixels[index], segment.arrival_ns,
-            segment.deadlines[index], segment.origins[index], 0, -1, capture)
+def _cells_of(segment: Segment, index: np.ndarray) -> Segment:
+    """A new segment holding ``index`` of ``segment``'s cells."""
+    return Segment(segment.acquisition, segment.event_ids[index], segment.pixels[index], segment.arrival_ns,
+                   segment.deadlines[index], segment.origins[index],
+                   capture_ns=None if segment.capture_ns is None else segment.capture_ns[index])
 
 
 @dataclass(slots=True)
@@ -256,7 +257,7 @@ class Batcher:
             if shed.queued is False:
                 return shed
             if shed.expired or shed.shed:
-                segment = Segment(*_take_cells(segment, shed.keep))
+                segment = _cells_of(segment, shed.keep)
             admission = self.add(segment)
             admission.expired, admission.shed = shed.expired, shed.shed
             return admission

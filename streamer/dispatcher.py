@@ -334,7 +334,6 @@ class Dispatcher(threading.Thread):
         done = time.perf_counter_ns()
         self.metrics.stages.add("engine", done - waiting)
         # One after another, a batch starts when the one before it ends; in parallel, when submitted.
-        # One after another, a batch starts when the one before it ends; in parallel, when submitted.
         started = flight.submitted_ns if model.planner.parallel > 1 else max(flight.submitted_ns, self._last_done)
         elapsed = done - started
         self._last_done = done
