@@ -76,6 +76,9 @@ class Engine(ABC):
         self.embedding_dim = bundle.embedding_dim
         self._pending: deque[tuple[int, int]] = deque()
         self._next_slot = 0
+        # The last collected batch's time from its start to its completion, where the engine knows it (None:
+        # it does not). A caller that notices completions late would otherwise learn its own lateness as cost.
+        self.last_run_ns: int | None = None
 
     def infer(self, cells: np.ndarray) -> Outputs:
         """Probabilities, embedding and dead score for uint16 ``cells`` [N, C, S, S], N <= ``max_batch``."""

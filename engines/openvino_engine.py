@@ -213,7 +213,9 @@ class OpenVINOEngine(Engine):
         return not self._pending or self._running[self._pending[0][0]].wait_for(0)
 
     def _finish(self, slot: int, n: int) -> Outputs:
-        self._running[slot].wait()
+        request = self._running[slot]
+        request.wait()
+        self.last_run_ns = int(request.latency * 1e6)  # OpenVINO's own clock: start_async to completion, in ms
         return self._buffers[slot].first(n)
 
     def _bind(self, request: Any, slot: int, n: int) -> None:

@@ -48,6 +48,7 @@ from streamer.threadnames import INFERENCE, name_os_thread
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
+POLL_S = 0.0002  # while a batch runs and a stream is idle: how often to look whether it ended
 
 
 @dataclass(slots=True)
@@ -175,13 +176,13 @@ class Dispatcher(threading.Thread):
                         if due is not None and due <= now:
                             batch = self.batcher.take(now, backlog)
                             break
-                    if self.inflight and self._oldest_done(now):
+                    if self.inflight and self._collect_now():
                         break
                     if self._stopping and not self.batcher.queue and not self.inflight:
                         return
                     timeout = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, (due - now) / 1e9)
-                    if self.inflight:  # wake when the oldest batch should be done, or at new work
-                        timeout = min(timeout, max(0.0, (self.inflight[0].finish_ns - now) / 1e9))
+                    if self.inflight:  # look again when the oldest batch should be done, then every POLL_S
+                        timeout = min(timeout, max(POLL_S, (self.inflight[0].finish_ns - now) / 1e9))
                     self._wake_at = now + int(timeout * 1e9)
                     self.cond.wait(timeout)
                     self._wake_at = None
@@ -205,11 +206,14 @@ class Dispatcher(threading.Thread):
             now = time.perf_counter_ns()
             self.batcher.engine_free_ns = now + int(self._backlog(now))
 
-    def _oldest_done(self, now: int) -> bool:
-        """Whether to collect the oldest batch in flight now: it is done, or due by the plan (collect then
-        waits the rest). Until then this thread waits for it or for new work for an idle stream."""
+    def _collect_now(self) -> bool:
+        """Whether to collect the oldest batch in flight now: it is done, or every buffer is taken, so nothing can
+        be submitted before it ends (collect then waits for it with the GIL released and returns the moment it
+        completes). While a stream is idle this thread instead waits for new work and looks again every
+        ``POLL_S``: OpenVINO can say when a batch ended only through a callback that needs the GIL."""
         oldest = self.inflight[0]
-        return oldest.model is None or now >= oldest.finish_ns or oldest.model.engine.done()
+        engine = self.model.engine
+        return oldest.model is None or len(self.inflight) >= engine.depth or oldest.model.engine.done()
 
     def _backlog(self, now: int) -> float:
         """Engine time still ahead of a batch submitted now, before it can start."""
@@ -335,7 +339,7 @@ class Dispatcher(threading.Thread):
         self.metrics.stages.add("engine", done - waiting)
         # One after another, a batch starts when the one before it ends; in parallel, when submitted.
         started = flight.submitted_ns if model.planner.parallel > 1 else max(flight.submitted_ns, self._last_done)
-        elapsed = done - started
+        elapsed = model.engine.last_run_ns or done - started
         self._last_done = done
         if self.batcher.planner is model.planner:
             model.planner.observe(batch.size, elapsed)

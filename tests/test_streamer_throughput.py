@@ -44,6 +44,19 @@ class SlowEngine(NullEngine):
         return super()._finish(slot, n)
 
 
+class LateNoticedEngine(NullEngine):
+    """Reports RUN_NS as each batch's own time, but its collect() returns NOTICE_S later, as a completion noticed
+    late by a busy thread does."""
+
+    RUN_NS = 1_000_000
+    NOTICE_S = 0.015
+
+    def _finish(self, slot: int, n: int) -> Outputs:
+        time.sleep(self.NOTICE_S)
+        self.last_run_ns = self.RUN_NS
+        return super()._finish(slot, n)
+
+
 @pytest.fixture(scope="module")
 def cells() -> np.ndarray:
     from trainer.synthetic import generate
@@ -124,6 +137,25 @@ def test_the_budget_counts_from_capture_unless_configured(quick_bundle: Path, ce
         sender.cells("stale", [9], cells[0], CHANNELS, capture_ns=time.time_ns() - 50_000_000)  # 50 ms old
         assert receiver.wait_for([9], 10)
         assert receiver.rows[9]["error"] == error and receiver.rows[9]["late"] == (error == Reason.EXPIRED)
+    finally:
+        stop(service, sender, receiver)
+
+
+def test_the_planner_learns_the_engine_own_time_not_when_its_end_was_noticed(quick_bundle: Path,
+                                                                              cells: np.ndarray) -> None:
+    """Batch times come from the engine's clock where it has one: a completion noticed 15 ms late must not teach
+    the planner a 16 ms batch, which would make admission refuse cells the engine has time for."""
+    service, sender, receiver = start(quick_bundle, LateNoticedEngine, batching={"batch_sizes": [1, 2, 4]})
+    try:
+        planner = service.model.planner
+        assert planner.measured[1] == pytest.approx(LateNoticedEngine.RUN_NS)
+        ids = list(range(1, 41))
+        deadline = time.time_ns() + 10_000_000_000
+        for i in ids:
+            sender.cells("noticed-late", [i], cells[i % len(cells)], CHANNELS, deadline_ns=deadline)
+        assert receiver.wait_for(ids, 20)
+        assert all(receiver.rows[i]["error"] == "" for i in ids)
+        assert max(planner.costs.values()) < 2 * LateNoticedEngine.RUN_NS, planner.costs
     finally:
         stop(service, sender, receiver)
 
