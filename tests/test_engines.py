@@ -36,7 +36,7 @@ import pytest
 
 import engines
 from engines import int8
-from engines.base import DEPTH, Outputs
+from engines.base import Outputs
 from engines.bundle import Bundle, load_bundle
 from engines.openvino_engine import is_x86
 from flowsort.errors import UserError
@@ -130,7 +130,7 @@ def test_parity_with_torch_f32(
 ) -> None:
     with loaded(bundle, name, precision) as engine:
         assert (engine.name, engine.precision) == (name.removesuffix("-on-cpu"), precision)
-        whole = [engine.infer(fresh_cells[:MAX_BATCH]) for _ in range(DEPTH)]  # views of every buffer set, entire
+        whole = [engine.infer(fresh_cells[:MAX_BATCH]) for _ in range(engine.depth)]  # every buffer set, entire
         got = Outputs(*(np.full_like(array, np.nan) for array in reference))
         start, turn = 0, 0
         while start < len(fresh_cells):
@@ -254,13 +254,14 @@ def test_submit_and_collect_pipeline_two_batches(bundle: Bundle, fresh_cells: np
         engine.submit(first)
         with pytest.raises(RuntimeError, match="collect"):
             engine.infer(second)
-        engine.submit(second)
+        for turn in range(1, engine.depth):  # every buffer set in flight at once, alternating the two batches
+            engine.submit((first, second)[turn % 2])
         with pytest.raises(RuntimeError, match="in flight"):
             engine.submit(first)
-        got = [engine.collect(), engine.collect()]
-        assert [len(out.dead_score) for out in got] == [5, 11]
-        for out, want in zip(got, expected):
-            np.testing.assert_allclose(out.probabilities, want, atol=1e-6)
+        for turn in range(engine.depth):  # oldest first; a set is reused only after its batch was collected
+            out = engine.collect()
+            assert len(out.dead_score) == (5, 11)[turn % 2]
+            np.testing.assert_allclose(out.probabilities, expected[turn % 2], atol=1e-6)
         with pytest.raises(RuntimeError, match="without a submitted batch"):
             engine.collect()
 
