@@ -91,7 +91,9 @@ class Dispatcher(threading.Thread):
         self._swapped = threading.Event()
         self._stopping = False
         self._buffer = self._allocate(model)
-        self._last_done = 0
+        # When the last batches ended (engine clock where it has one), oldest first, one per parallel batch: a batch
+        # queued behind them starts when the one ``parallel`` places ahead of it ended.
+        self._ends: deque[int] = deque(maxlen=model.planner.parallel)
         self._wake_at: int | None = None  # while the thread sleeps: when it wakes by itself
         self._ratelog = RateLimitedLog(log, reject_interval)
         self._failed = metrics.cells_rejected.labels(Reason.ENGINE_ERROR)
@@ -232,6 +234,7 @@ class Dispatcher(threading.Thread):
         old = self.model
         self.model = model
         self.batcher.planner = model.planner
+        self._ends = deque(maxlen=model.planner.parallel)
         if self._buffer.shape[0] < model.engine.max_batch or self._buffer.shape[1:] != model.engine.input_shape:
             self._buffer = self._allocate(model)
         self.failing, self.failures_in_row = False, 0
@@ -337,10 +340,13 @@ class Dispatcher(threading.Thread):
             return
         done = time.perf_counter_ns()
         self.metrics.stages.add("engine", done - waiting)
-        # One after another, a batch starts when the one before it ends; in parallel, when submitted.
-        started = flight.submitted_ns if model.planner.parallel > 1 else max(flight.submitted_ns, self._last_done)
-        elapsed = model.engine.last_run_ns or done - started
-        self._last_done = done
+        # The batch's own time: from when it could start (submitted, or when the batch ``parallel`` places ahead of
+        # it ended: it was queued behind that one) to when it ended, on the engine's clock where it has one (a
+        # completion this thread noticed late must not be learned as engine time).
+        end = flight.submitted_ns + model.engine.last_run_ns if model.engine.last_run_ns else done
+        ahead = self._ends[0] if len(self._ends) == self._ends.maxlen else 0
+        elapsed = end - max(flight.submitted_ns, ahead)
+        self._ends.append(end)
         if self.batcher.planner is model.planner:
             model.planner.observe(batch.size, elapsed)
         self.metrics.engine_time.observe(elapsed / 1e9)
