@@ -1,9 +1,9 @@
 """The inference thread: forms batches with the :class:`~streamer.batcher.Batcher` and runs them.
 
 It keeps up to the engine's ``depth`` batches in flight (the engines'
-``submit``/``collect`` double buffering: per OpenVINO stream, one running
-and one queued): while the engine computes with the GIL released, this
-thread can assemble and submit the next. Cells of a batch are copied
+``submit``/``collect`` double buffering, or one batch per OpenVINO stream):
+while the engine computes with the GIL released, this thread can assemble
+and submit the next. Cells of a batch are copied
 once, into the engine's input (a single-message batch is handed over as the
 received frame's view; a merged one is gathered into one preallocated
 buffer first). Results go through the policy as whole arrays and on to the
