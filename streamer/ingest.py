@@ -291,8 +291,10 @@ class Ingest(threading.Thread):
         self._waited.observe(waited / 1e9)
         if waited[-1] > STALE_CAPTURE_NS:
             self._ratelog.log(logging.WARNING, "stale-capture",
-                              "capture_ns is %.1f s behind this machine's clock: are the instrument's and this clock "
-                              "in sync (NTP/PTP)? Latency counts from capture; a budget counted from receipt needs "
+                              "capture_ns is %.1f s behind this machine's clock: either the cells waited that long "
+                              "before the service read them (a sender far ahead of the service: see "
+                              "flowsort_ingest_wait_seconds) or the instrument's and this clock are not in sync "
+                              "(NTP/PTP). Latency counts from capture; a budget counted from receipt needs "
                               "[deadline] budget_from = \"receipt\"", waited[-1] / 1e9)
         origins = received - waited
         if deadline_ns is None:
