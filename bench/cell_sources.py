@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from flowsort.errors import UserError
-from streamer.recording_truth import Truth, read_recording
+from streamer.recording_truth import Truth, recorded_cells
 from trainer.dataset_acquisition import dataset_truth
 
 
@@ -55,36 +55,11 @@ def dataset_cells(path: str | Path) -> CellSet:
 
 def recording_cells(path: str | Path) -> CellSet:
     """Every cell of an acquisition file's valid cells messages, with its truth where the file has it."""
-    parts: list[np.ndarray] = []
-    acquisitions: list[str] = []
-    ids: list[np.ndarray] = []
-    channels: tuple[int, ...] | None = None
-    shape: tuple[int, ...] | None = None
-    recording = read_recording(path)
-    for message in recording.messages:
-        cells = message.decoded
-        if cells is None:
-            continue
-        pixels = cells.pixels
-        if cells.dtype != "uint16":
-            pixels = np.clip(np.rint(pixels), 0, 65535) if cells.dtype == "float32" else pixels
-            pixels = pixels.astype(np.uint16)
-        if channels is None:
-            channels, shape = cells.channels, pixels.shape[1:]
-        elif cells.channels != channels or pixels.shape[1:] != shape:
-            raise UserError(f"{path}: cells with different channels or sizes ({list(cells.channels)} "
-                            f"{list(pixels.shape[1:])} after {list(channels)} {list(shape)}): use replay for it")
-        parts.append(np.asarray(pixels))
-        acquisitions += [cells.acquisition] * cells.count
-        ids.append(cells.event_ids)
-    if not parts:
-        raise UserError(f"{path} holds no valid cells messages")
-    event_ids = np.concatenate(ids)
-    truth = recording.truth.lookup(acquisitions, event_ids) if recording.truth else None
+    cells = recorded_cells(path)
+    truth = cells.truth
     if truth is not None and not (truth.label >= 0).any() and truth.dead is None:
         truth = None
-    images = np.ascontiguousarray(np.concatenate(parts), np.uint16)
-    return CellSet(images, channels, truth, f"acquisition {path}: {len(images)} cells")
+    return CellSet(cells.images, cells.channels, truth, f"acquisition {path}: {len(cells)} cells")
 
 
 def load_cells(source: str, size: int, seed: int = 0, pool: int = 4096, prior: str = "jurkat") -> CellSet:

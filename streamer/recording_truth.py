@@ -13,7 +13,9 @@ ways, both invisible to the service:
   into truth records.
 
 :func:`read_recording` gives every message of a file, decoded where it is a
-valid cells message, with a :class:`TruthIndex` of the truth it carries.
+valid cells message, with a :class:`TruthIndex` of the truth it carries;
+:func:`recorded_cells` gives the cells of those messages as one array, each
+with its acquisition, event id and truth.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from flowsort.errors import UserError
 from streamer import protocol as p
 from streamer.codec import decode_ingest
 from streamer.protocol import Rejected
@@ -215,3 +218,52 @@ def read_recording(path: str | Path) -> Recording:
                 truth.add(message.acquisition, message.event_ids, carried)
         messages.append(RecordedMessage(record.time_ns, record.frames, decoded, header))
     return Recording(Path(path), messages, truth, reader.scan.tail)
+
+
+@dataclass(frozen=True)
+class RecordedCells:
+    """The cells of an acquisition file's valid cells messages, in file order."""
+
+    images: np.ndarray  # uint16 [N, C, H, W]
+    channels: tuple[int, ...]
+    acquisitions: list[str]  # per cell
+    event_ids: np.ndarray  # uint64 [N]
+    truth: Truth | None  # per cell, label -1 where unknown; None: the file carries no truth
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def recorded_cells(path: str | Path) -> RecordedCells:
+    """Every cell of an acquisition file's valid cells messages as uint16 (float32 pixels rounded and clipped).
+
+    Cells of one array share channels and size: a file that mixes them is refused.
+    """
+    parts: list[np.ndarray] = []
+    acquisitions: list[str] = []
+    ids: list[np.ndarray] = []
+    channels: tuple[int, ...] | None = None
+    shape: tuple[int, ...] | None = None
+    recording = read_recording(path)
+    for message in recording.messages:
+        cells = message.decoded
+        if cells is None:
+            continue
+        pixels = cells.pixels
+        if cells.dtype != "uint16":
+            pixels = np.clip(np.rint(pixels), 0, 65535) if cells.dtype == "float32" else pixels
+            pixels = pixels.astype(np.uint16)
+        if channels is None:
+            channels, shape = cells.channels, pixels.shape[1:]
+        elif cells.channels != channels or pixels.shape[1:] != shape:
+            raise UserError(f"{path}: cells with different channels or sizes ({list(cells.channels)} "
+                            f"{list(pixels.shape[1:])} after {list(channels)} {list(shape)})")
+        parts.append(np.asarray(pixels))
+        acquisitions += [cells.acquisition] * cells.count
+        ids.append(cells.event_ids)
+    if channels is None:
+        raise UserError(f"{path} holds no valid cells messages")
+    event_ids = np.concatenate(ids).astype(np.uint64, copy=False)
+    images = np.ascontiguousarray(np.concatenate(parts), np.uint16)
+    truth = recording.truth.lookup(acquisitions, event_ids) if recording.truth else None
+    return RecordedCells(images, channels, acquisitions, event_ids, truth)
