@@ -152,3 +152,63 @@ def test_dataset_without_unlabeled_cells_is_refused_as_extra_data(quick_bundle: 
     assert main(["distill", str(quick_bundle), str(quick_bundle.parent / "dataset"), "-o", str(tmp_path / "s"),
                  "--unlabeled", str(labeled_only)]) == 2
     assert "no unlabeled cells" in capsys.readouterr().err
+
+
+def write_acquisition(path: Path, images: np.ndarray, channels: tuple[int, ...], labeled: int = 0) -> Path:
+    """Simulated cells as an acquisition file (one message of ten cells at a time); the first ``labeled`` cells
+    get truth records, the others none."""
+    from streamer.codec import encode_cells
+    from streamer.recording import AcquisitionWriter
+    from streamer.recording_truth import Truth, write_truth
+    from trainer.synthetic import STAGES
+
+    event_ids = np.arange(1, len(images) + 1, dtype=np.uint64)
+    with AcquisitionWriter(path) as writer:
+        for start in range(0, len(images), 10):
+            writer.write(encode_cells("run", event_ids[start:start + 10], images[start:start + 10], channels))
+        if labeled:
+            write_truth(writer, "run", event_ids[:labeled], Truth(STAGES, np.zeros(labeled, np.int16)))
+    return path
+
+
+def test_distill_learns_from_the_unlabeled_cells_of_an_acquisition_file(quick_bundle: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    from flowsort.cli import main
+    from trainer.synthetic import CHANNELS
+
+    images = generate(50, seed=21, size=40, prior="uniform", dead_fraction=0.0, debris_fraction=0.0).images
+    recording = write_acquisition(tmp_path / "run.fsacq", images, CHANNELS, labeled=10)
+    out = tmp_path / "student"
+    assert main(["distill", str(quick_bundle), str(quick_bundle.parent / "dataset"), "-o", str(out), "--width",
+                 "0.125", "--epochs", "1", "--batch-size", "32", "--teacher-views", "1",
+                 "--unlabeled", str(recording)]) == 0
+    record = json.loads((out / "bundle.json").read_text())["distillation"]
+    assert record["unlabeled_cells"] == 40  # the 10 cells the file's truth labels stay out
+    assert record["unlabeled_sources"] == [f"{recording} (40 of 50 cells unlabeled, 40x40 fitted to 32x32)"]
+    assert "40x40 fitted to 32x32" in capsys.readouterr().out
+
+
+def test_acquisition_whose_cells_are_all_labeled_is_refused_as_extra_data(quick_bundle: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from flowsort.cli import main
+    from trainer.dataset_acquisition import write_dataset_acquisition
+
+    dataset = read_dataset(quick_bundle.parent / "dataset")
+    labeled = dataset.subset(np.flatnonzero(dataset.labels >= 0)[:30])
+    recording = tmp_path / "labeled.fsacq"
+    write_dataset_acquisition(labeled, recording)
+    assert main(["distill", str(quick_bundle), str(quick_bundle.parent / "dataset"), "-o", str(tmp_path / "s"),
+                 "--unlabeled", str(recording)]) == 2
+    error = capsys.readouterr().err
+    assert "all 30 cells are labeled" in error and "come in through DATASET" in error
+    assert not (tmp_path / "s").exists()
+
+
+def test_acquisition_of_other_channels_is_refused_as_extra_data(quick_bundle: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    from flowsort.cli import main
+
+    recording = write_acquisition(tmp_path / "other.fsacq", np.zeros((10, 2, 32, 32), np.uint16), (1, 9))
+    assert main(["distill", str(quick_bundle), str(quick_bundle.parent / "dataset"), "-o", str(tmp_path / "s"),
+                 "--unlabeled", str(recording)]) == 2
+    assert "channels [1, 9] but the dataset's are [3, 6]" in capsys.readouterr().err

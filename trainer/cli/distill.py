@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowsort.errors import UserError
 from trainer.cli.training_options import add_training_options, held_out_fold, training_config
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trainer.dataset import CellDataset
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,16 +35,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="weight of matching the first teacher's embedding (cosine; default 0: off)")
     parser.add_argument("--teacher-views", type=int, choices=(1, 8), default=8,
                         help="average the teachers over the 8 rotations/mirrors by 90 degrees (default) or use 1 view")
-    parser.add_argument("--unlabeled", type=Path, action="append", default=[], metavar="DATASET",
-                        help="a dataset folder whose unlabeled cells join the training cells, labeled by the "
-                             "teachers (repeatable)")
+    parser.add_argument("--unlabeled", type=Path, action="append", default=[], metavar="DATASET or ACQUISITION",
+                        help="a dataset folder or an acquisition file (`flowsort record`) whose cells without "
+                             "labels join the training cells, labeled by the teachers (repeatable)")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="add N simulated live cells (Jurkat stage mix), labeled by the teachers")
     parser.set_defaults(run=run)
 
 
-def unlabeled_cells(paths: list[Path], synthetic: int, seed: int, size: int) -> tuple[list, list[str]]:
-    """The extra cells as uint16 arrays and a description of where each block came from."""
+def acquisition_cells(path: Path, dataset: CellDataset) -> tuple[np.ndarray, str]:
+    """The cells of an acquisition file that its truth does not label, fitted to the dataset's input size."""
+    import numpy as np
+
+    from engines.preprocessing import fit_to_size
+    from streamer.recording_truth import recorded_cells
+
+    cells = recorded_cells(path)
+    if cells.channels != tuple(dataset.channels):
+        raise UserError(f"--unlabeled {path}: its cells have channels {list(cells.channels)} but the dataset's "
+                        f"are {list(dataset.channels)}")
+    chosen = np.arange(len(cells)) if cells.truth is None else np.flatnonzero(cells.truth.label < 0)
+    if not len(chosen):
+        raise UserError(f"--unlabeled {path}: all {len(cells)} cells are labeled in the file's truth; labeled cells "
+                        "come in through DATASET (import them into it), where held-out folds are respected")
+    size = dataset.input_size
+    height, width = cells.images.shape[-2:]
+    fitted = "" if (height, width) == (size, size) else f", {height}x{width} fitted to {size}x{size}"
+    return fit_to_size(cells.images[chosen], size), f"{path} ({len(chosen)} of {len(cells)} cells unlabeled{fitted})"
+
+
+def unlabeled_cells(paths: list[Path], synthetic: int, seed: int, dataset: CellDataset) -> tuple[list, list[str]]:
+    """The extra cells as uint16 arrays and a description of where each block came from.
+
+    A folder is a dataset (its cells with label < 0), a file an acquisition (its cells without truth labels).
+    """
     import numpy as np
 
     from trainer.dataset import read_dataset
@@ -46,6 +76,11 @@ def unlabeled_cells(paths: list[Path], synthetic: int, seed: int, size: int) -> 
 
     blocks, sources = [], []
     for path in paths:
+        if path.is_file():
+            cells, source = acquisition_cells(path, dataset)
+            blocks.append(cells)
+            sources.append(source)
+            continue
         extra = read_dataset(path)
         chosen = np.flatnonzero(extra.labels < 0)
         if not len(chosen):
@@ -55,7 +90,7 @@ def unlabeled_cells(paths: list[Path], synthetic: int, seed: int, size: int) -> 
     if synthetic < 0:
         raise UserError("--synthetic must be >= 0")
     if synthetic:
-        cells = generate(synthetic, seed=seed + 7919, size=size, dead_fraction=0.0, debris_fraction=0.0)
+        cells = generate(synthetic, seed=seed + 7919, size=dataset.input_size, dead_fraction=0.0, debris_fraction=0.0)
         blocks.append(cells.images)
         sources.append(f"simulator ({synthetic} live cells, seed {seed + 7919})")
     return blocks, sources
@@ -76,10 +111,12 @@ def run(args: argparse.Namespace) -> int:
     dataset = apply_merges(read_dataset(args.dataset), args.merge)
     labeled = trainable_cells(dataset, held_out, args.dataset)
     train_index, val_index = final_split(dataset, labeled, args.val_fraction, args.seed)
-    blocks, sources = unlabeled_cells(args.unlabeled, args.synthetic, args.seed, dataset.input_size)
+    blocks, sources = unlabeled_cells(args.unlabeled, args.synthetic, args.seed, dataset)
     extra = np.concatenate(blocks) if blocks else None
     print(f"distilling {len(args.teachers)} teacher(s) into a width-{args.width} student on {len(train_index)} "
           f"labeled cells" + (f" and {len(extra)} unlabeled cells" if extra is not None else ""))
+    for source in sources:
+        print(f"  unlabeled cells from {source}")
     distill(args.teachers, dataset, train_index, val_index, args.output, training_config(args), distillation,
             extra, sources, args.dead_quantile, held_out_manifest(dataset, held_out))
     print_bundle_summary(args.output)
