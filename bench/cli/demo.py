@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench.defaults import DEFAULT_RATE, DEFAULT_SECONDS
-from bench.demo import EPOCHS, TRAIN_CELLS, WIDTH, DemoSettings, run_demo
+from bench.demo import EPOCHS, TRAIN_CELLS, WIDTH, WIDTH_FP32, DemoSettings, run_demo
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder (default demo-output)")
     parser.add_argument("--retrain", action="store_true", help="train a new model even if one is there")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
-    parser.add_argument("--width", type=float, default=WIDTH, help=f"DeepFlow width multiplier (default {WIDTH})")
+    parser.add_argument("--width", type=float, default=None,
+                        help=f"DeepFlow width multiplier (default: {WIDTH:g} on a CPU with native bf16, else "
+                             f"{WIDTH_FP32:g})")
     parser.add_argument("--cells", type=int, default=TRAIN_CELLS, help=f"training cells (default {TRAIN_CELLS})")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="simulated instrument, cells/s")
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="simulated acquisition length")

@@ -1,0 +1,21 @@
+"""`flowsort demo`: the model it trains is sized for the CPU it runs on."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.demo import WIDTH, WIDTH_FP32, demo_width
+
+
+@pytest.mark.parametrize(("flags", "cap", "width"), [
+    (["avx2", "fma", "avx512f", "avx512_bf16"], "", WIDTH),
+    (["avx2", "fma", "amx_tile", "amx_bf16"], "", WIDTH),
+    (["avx2", "fma"], "", WIDTH_FP32),  # an AVX2-only CPU: the engine runs fp32
+    (["avx2", "fma", "avx512f", "avx512_bf16"], "AVX2", WIDTH_FP32),  # kernels capped below bf16
+])
+def test_the_demo_model_is_narrower_where_the_engine_runs_fp32(monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                               cap: str, width: float) -> None:
+    monkeypatch.setattr("engines.cpu.cpu_flags", lambda: flags)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert demo_width() == width
+    assert WIDTH_FP32 < WIDTH
