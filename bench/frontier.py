@@ -1,15 +1,20 @@
-"""`flowsort bench frontier TEACHER DATASET --students S ...`: accuracy against speed, per model and precision.
+"""`flowsort bench frontier TEACHER [TEACHER ...] DATASET --students S ...`: accuracy against speed.
 
-For the teacher and each student, and each precision the OpenVINO engine can
-run for it (INT8 only where the bundle holds a guard-approved model):
+The bundles are grouped into models (:mod:`bench.frontier_models`): one teacher
+bundle per cross-validation fold (``--hold-out K/N`` when trained), and students
+of any widths, distilled or trained on the labels only, covering the same folds.
+For each model and each precision the OpenVINO engine can run for every one of its
+bundles (INT8 only where a bundle holds a guard-approved model):
 
-* 5-class accuracy on the held-out cells that every model left out of training
-  (``--hold-out K/N`` when they were trained; models that held out different
-  cells, or were trained on another dataset, are refused), at this sample's
-  class mix and at another mix (``--class-mix``, default the paper's), the
-  probabilities re-weighted by Bayes' rule as the streamer's ``sample_prior`` does;
-* engine cells/s at batch 1 and at the best batch (``bench engines``' timing);
-* dead/debris AUROC of the dead-cell score on simulated cells (float precision);
+* 5-class accuracy on held-out cells: each bundle predicts the cells of its own
+  fold and the predictions of all folds are pooled, which is the model's
+  cross-validation accuracy (with the per-fold accuracies, and the difference to
+  the teacher's at fp32 in points), at this sample's class mix and at another mix
+  (``--class-mix``, default the paper's), the probabilities re-weighted by
+  Bayes' rule as the streamer's ``sample_prior`` does;
+* engine cells/s at batch 1 and at the best batch (``bench engines``' timing) and
+  the dead/debris AUROC of the dead-cell score on simulated cells (float
+  precisions), on the model's first bundle: its folds share the architecture;
 * end-to-end max sustained cells/s through ``flowsort serve`` (``bench e2e``'s
   sweep, at the precision the streamer picks), unless ``--skip-e2e``.
 
@@ -21,22 +26,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flowsort.errors import UserError
 
+if TYPE_CHECKING:
+    from bench.frontier_models import FoldModel
+
 PAPER_MIX = "Interphase=31550,Prophase=606,Metaphase=68,Anaphase=15,Telophase=27"
 DEFAULT_BATCHES = (1, 8, 32, 64)
 DEAD_CELLS = 2000
+REFERENCE_PRECISION = "fp32"
 
 
 @dataclass(frozen=True)
 class FrontierSettings:
     """What `flowsort bench frontier` measures and where it writes."""
 
-    teacher: Path
+    teachers: tuple[Path, ...]
     dataset: Path
     students: tuple[Path, ...] = ()
     class_mix: dict[str, float] | None = None  # None: the paper's
@@ -48,29 +57,35 @@ class FrontierSettings:
     out: Path = Path("runs/bench/frontier")
 
 
-def held_out_cells(bundles: list[Any], dataset_path: Path) -> tuple[Any, np.ndarray]:
-    """The dataset (with the teacher's merges) and the held-out cells every bundle left out of training."""
-    from trainer.dataset import read_dataset
-    from trainer.holdout import MANIFEST_KEY, as_held_out
+@dataclass(frozen=True)
+class FoldCells:
+    """The held-out cells of one fold, with their labels as indices into the models' classes."""
 
-    records = []
-    for bundle in bundles:
-        record = bundle.manifest.get(MANIFEST_KEY)
-        if record is None:
-            raise UserError(f"{bundle.path} records no held-out fold: train it with --hold-out K/N, like the others")
-        records.append(record)
-    if any(r != records[0] for r in records[1:]):
-        raise UserError("the models held out different cells: " + "; ".join(
-            f"{b.path}: fold {r['fold']}/{r['folds']} of dataset {r['dataset_hash'][:12]}" for b, r in zip(bundles, records)))
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def held_out_cells(models: list[FoldModel], dataset_path: Path) -> tuple[Any, dict[int, FoldCells]]:
+    """The dataset (with the teacher's merges) and, per fold the models hold out, its held-out cells."""
+    from trainer.dataset import read_dataset
+    from trainer.evaluation import model_labels
+    from trainer.holdout import HeldOutFold, as_held_out
+
+    teacher = models[0].bundles[0]
     try:
-        dataset, fold = as_held_out(read_dataset(dataset_path), bundles[0].manifest)
+        dataset, split = as_held_out(read_dataset(dataset_path), teacher.manifest)
     except UserError as exc:
         raise UserError(f"{dataset_path}: {exc}") from None
-    for bundle in bundles:
+    for bundle in (bundle for model in models for bundle in model.bundles):
         if tuple(bundle.class_names) != tuple(dataset.class_names):
             raise UserError(f"{bundle.path} predicts {', '.join(bundle.class_names)}, the teacher "
                             f"{', '.join(dataset.class_names)}: compare models of the same classes")
-    return dataset, fold.split(dataset)[1]
+    cells = {}
+    for fold in models[0].folds:
+        index = HeldOutFold(fold, split.folds, split.split_seed).split(dataset)[1]
+        cells[fold] = FoldCells(np.ascontiguousarray(dataset.images[index]),
+                                model_labels(teacher, dataset.subset(index)))
+    return dataset, cells
 
 
 def dead_cell_auroc(engine: Any, bundle: Any) -> float | None:
@@ -85,39 +100,65 @@ def dead_cell_auroc(engine: Any, bundle: Any) -> float | None:
     return dead_cell_metrics(outputs.dead_score, bundle, cells.truth.dead | cells.truth.debris)["auroc"]
 
 
-def measure_model(bundle: Any, images: np.ndarray, labels: np.ndarray, mix: dict[str, float],
+def measure_model(model: FoldModel, cells: dict[int, FoldCells], mix: dict[str, float],
                   settings: FrontierSettings, tick: Any) -> list[dict[str, Any]]:
-    """One row per precision: accuracy at both mixes, engine speed, dead-cell AUROC."""
+    """One row per precision: pooled accuracy at both mixes, engine speed, dead-cell AUROC."""
+    import engines
+    from trainer.class_mix import ClassMix
+
+    mixes = [ClassMix.of(bundle.class_names, mix, bundle.class_prior) for bundle in model.bundles]
+    runnable = [engines.precisions("openvino", bundle) for bundle in model.bundles]
+    rows = []
+    for precision in dict.fromkeys(p for precisions in runnable for p in precisions):
+        row = {"label": model.label, "bundles": model.paths(), "folds": list(model.folds), "precision": precision}
+        lacking = [fold for fold, can in zip(model.folds, runnable) if precision not in can]
+        if lacking:  # INT8 exists only where the bundle holds a guard-approved model
+            rows.append({**row, "unavailable": f"fold {', '.join(map(str, lacking))} cannot run {precision} here"})
+            continue
+        rows.append({**row, **measure_precision(model, precision, cells, mixes, settings, tick)})
+    return rows
+
+
+def measure_precision(model: FoldModel, precision: str, cells: dict[int, FoldCells], mixes: list[Any],
+                      settings: FrontierSettings, tick: Any) -> dict[str, Any]:
+    """Every bundle predicts its own fold's cells, pooled; speed and AUROC on the first bundle.
+
+    ``mixes``: the ``--class-mix`` for each bundle, from its own training mix.
+    """
     import engines
     from bench.engine_bench import bench_engine
     from engines.base import predict_all
-    from trainer.class_mix import ClassMix
 
-    rows = []
     sizes = settings.batch_sizes
-    timing_cells = np.ascontiguousarray(np.resize(images, (max(sizes), *images.shape[1:])))
-    for precision in engines.precisions("openvino", bundle):
+    first = cells[model.folds[0]].images
+    timing_cells = np.ascontiguousarray(np.resize(first, (max(sizes), *first.shape[1:])))
+    hits, decided = [], []
+    for bundle, fold, bundle_mix in zip(model.bundles, model.folds, mixes):
         try:
             engine = engines.load(bundle, "openvino", precision, max_batch=max(sizes), threads=settings.threads)
         except UserError as exc:  # e.g. INT8 rejected by its guard: the frontier says why and goes on
-            rows.append({"model": str(bundle.path), "precision": precision, "unavailable": str(exc)})
-            continue
+            return {"unavailable": f"{bundle.path}: {exc}"}
         with engine:
-            probabilities = predict_all(engine, images).probabilities
-            speed = bench_engine(engine, timing_cells, sizes, settings.seconds, tick)
-            auroc = dead_cell_auroc(engine, bundle) if precision in ("fp32", "bf16") else None
-        best = max(speed, key=lambda row: row["throughput_cells_per_s"])
-        at_mix = ClassMix.of(bundle.class_names, mix, bundle.class_prior).metrics(probabilities, labels)
-        rows.append({
-            "model": str(bundle.path), "width": bundle.manifest["model"]["width"], "precision": precision,
-            "distilled_from": [t["content_hash"][:12] for t in bundle.manifest.get("distillation", {}).get("teachers", [])],
-            "accuracy": float((probabilities.argmax(1) == labels).mean()),
-            "accuracy_at_mix": at_mix["accuracy"],
-            "engine_b1_cells_per_s": speed[0]["throughput_cells_per_s"] if speed[0]["batch"] == 1 else None,
-            "engine_best_cells_per_s": best["throughput_cells_per_s"], "engine_best_batch": best["batch"],
-            "dead_auroc_synthetic": auroc, "engine_rows": speed,
-        })
-    return rows
+            probabilities = predict_all(engine, cells[fold].images).probabilities
+            if bundle is model.bundles[0]:
+                speed = bench_engine(engine, timing_cells, sizes, settings.seconds, tick)
+                auroc = dead_cell_auroc(engine, bundle) if precision in ("fp32", "bf16") else None
+        hits.append(probabilities.argmax(1) == cells[fold].labels)
+        decided.append(bundle_mix.decide(probabilities))  # each fold's model from its own training mix
+    at_mix = mixes[0].score(
+        np.concatenate(decided), np.concatenate([cells[fold].labels for fold in model.folds]))
+    best = max(speed, key=lambda row: row["throughput_cells_per_s"])
+    return {
+        "width": model.width,
+        "distilled_from": list(dict.fromkeys(teacher["content_hash"][:12] for bundle in model.bundles
+                                             for teacher in bundle.manifest.get("distillation", {}).get("teachers", []))),
+        "accuracy": float(np.concatenate(hits).mean()),
+        "accuracy_folds": [float(fold_hits.mean()) for fold_hits in hits],
+        "accuracy_at_mix": at_mix["accuracy"],
+        "engine_b1_cells_per_s": speed[0]["throughput_cells_per_s"] if speed[0]["batch"] == 1 else None,
+        "engine_best_cells_per_s": best["throughput_cells_per_s"], "engine_best_batch": best["batch"],
+        "dead_auroc_synthetic": auroc, "engine_rows": speed,
+    }
 
 
 def end_to_end(bundle_path: Path, out: Path, seconds: float, start_rate: float) -> dict[str, Any]:
@@ -134,37 +175,44 @@ def measure_frontier(settings: FrontierSettings) -> dict[str, Any]:
     """Measure every model, write frontier.json and frontier.png to ``settings.out``, print the table."""
     from tqdm import tqdm
 
+    from bench.frontier_models import frontier_models
     from bench.run_summary import describe_machine
     from engines.bundle import load_bundle
     from trainer.class_mix import parse_class_mix
-    from trainer.evaluation import model_labels
 
     if settings.seconds <= 0 or settings.e2e_seconds <= 0:
         raise UserError("--seconds and --e2e-seconds must be positive")
+    if not settings.teachers:
+        raise UserError("give at least one teacher bundle")
     mix = settings.class_mix if settings.class_mix is not None else parse_class_mix(PAPER_MIX)
-    bundles = [load_bundle(settings.teacher), *(load_bundle(path) for path in settings.students)]
-    dataset, held_out = held_out_cells(bundles, settings.dataset)
-    images = np.ascontiguousarray(dataset.images[held_out])
-    labels = model_labels(bundles[0], dataset.subset(held_out))
+    models = frontier_models([load_bundle(path) for path in settings.teachers],
+                             [load_bundle(path) for path in settings.students])
+    dataset, cells = held_out_cells(models, settings.dataset)
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(bundles) * 3 * len(settings.batch_sizes), unit="point", desc="frontier") as progress:
-        for bundle in bundles:
-            model_rows = measure_model(bundle, images, labels, mix, settings, progress.update)
+    with tqdm(total=len(models) * 3 * len(settings.batch_sizes), unit="point", desc="frontier") as progress:
+        for model in models:
+            model_rows = measure_model(model, cells, mix, settings, progress.update)
             if not settings.skip_e2e:
                 fastest = max((r["engine_b1_cells_per_s"] or 0 for r in model_rows if "accuracy" in r), default=0)
-                e2e = end_to_end(bundle.path, settings.out / "e2e" / bundle.path.name, settings.e2e_seconds, fastest)
+                e2e = end_to_end(model.bundles[0].path, settings.out / "e2e" / model.label.replace(" ", "-"),
+                                 settings.e2e_seconds, fastest)
                 for row in model_rows:
                     if row.get("precision") == e2e["precision"]:
                         row["e2e_max_sustained_cells_per_s"] = e2e["max_sustained_cells_per_s"]
             rows += model_rows
+    add_delta_vs_teacher(rows, models[0].label)
+    labels = np.concatenate([fold.labels for fold in cells.values()])
+    split = models[0].bundles[0].manifest["held_out"]
     settings.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "teacher": str(settings.teacher), "dataset": str(settings.dataset), "machine": describe_machine(),
-        "held_out": {**bundles[0].manifest["held_out"], "class_counts": dict(zip(
-            dataset.class_names, np.bincount(labels, minlength=len(dataset.class_names)).tolist()))},
+        "teachers": [str(path) for path in settings.teachers], "dataset": str(settings.dataset),
+        "machine": describe_machine(),
+        "held_out": {"folds": split["folds"], "split_seed": split["split_seed"], "dataset_hash": split["dataset_hash"],
+                     "folds_used": list(cells), "n_cells": int(len(labels)), "class_counts": dict(zip(
+                         dataset.class_names, np.bincount(labels[labels >= 0], minlength=len(dataset.class_names)).tolist()))},
         "class_mix": mix, "settings": {"batch_sizes": list(settings.batch_sizes), "seconds": settings.seconds,
-                                                  "threads": settings.threads, "e2e": not settings.skip_e2e,
-                                                  "e2e_seconds": settings.e2e_seconds},
+                                       "threads": settings.threads, "e2e": not settings.skip_e2e,
+                                       "e2e_seconds": settings.e2e_seconds},
         "results": rows,
     }
     (settings.out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -174,11 +222,17 @@ def measure_frontier(settings: FrontierSettings) -> dict[str, Any]:
     return report
 
 
-def label(row: dict[str, Any]) -> str:
-    return f"w{row['width']:g} {row['precision']}"
+def add_delta_vs_teacher(rows: list[dict[str, Any]], teacher_label: str) -> None:
+    """Each measured row's accuracy minus the teacher model's at the float reference precision, in points."""
+    reference = next((row["accuracy"] for row in rows if row["label"] == teacher_label
+                      and row["precision"] == REFERENCE_PRECISION and "accuracy" in row), None)
+    for row in rows:
+        if "accuracy" in row:
+            row["delta_vs_teacher"] = None if reference is None else 100 * (row["accuracy"] - reference)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against engine cells/s, one point per model and precision, at both class mixes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,10 +246,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter([r["engine_best_cells_per_s"] for r in points], [100 * r[key] for r in points], marker=marker,
                        label=precision)
             for row in points:
-                ax.annotate(label(row), (row["engine_best_cells_per_s"], 100 * row[key]), fontsize=7,
+                ax.annotate(row["label"], (row["engine_best_cells_per_s"], 100 * row[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set(xscale="log", xlabel="engine cells/s (best batch)", ylabel="accuracy on held-out cells (%)", title=title)
+        ax.set(xscale="log" if measured else "linear", xlabel="engine cells/s (best batch)", ylabel="accuracy on held-out cells (%)", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -203,18 +257,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def accuracy_text(row: dict[str, Any]) -> str:
+    """Pooled accuracy, with the folds' standard deviation where there are several, e.g. ``88.7% ± 1.2``."""
+    folds = np.array(row["accuracy_folds"])
+    spread = f" ± {100 * folds.std(ddof=1):.1f}" if len(folds) > 1 else ""
+    return f"{100 * row['accuracy']:.2f}%{spread}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | precision | accuracy | at the other mix | engine b1 | engine best (batch) | e2e sustained | dead AUROC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | folds | precision | accuracy (± folds' SD) | vs teacher | at the other mix | engine b1 | "
+             "engine best (batch) | e2e sustained | dead AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        folds = ",".join(map(str, row["folds"]))
         if "accuracy" not in row:
-            lines.append(f"| {row['model']} | {row['precision']} | unavailable: {row['unavailable']} | | | | | |")
+            lines.append(f"| {row['label']} | {folds} | {row['precision']} | unavailable: {row['unavailable']} | | | | | | |")
             continue
-        e2e = row.get("e2e_max_sustained_cells_per_s")
-        auroc = row["dead_auroc_synthetic"]
+        e2e, b1, auroc = row.get("e2e_max_sustained_cells_per_s"), row["engine_b1_cells_per_s"], row["dead_auroc_synthetic"]
+        delta = row["delta_vs_teacher"]
         lines.append(
-            f"| w{row['width']:g}{' (distilled)' if row['distilled_from'] else ''} | {row['precision']} | "
-            f"{100 * row['accuracy']:.2f}% | {100 * row['accuracy_at_mix']:.2f}% | {row['engine_b1_cells_per_s']:,.0f} | "
-            f"{row['engine_best_cells_per_s']:,.0f} ({row['engine_best_batch']}) | "
+            f"| {row['label']} | {folds} | {row['precision']} | {accuracy_text(row)} | "
+            f"{'-' if delta is None else f'{delta:+.2f} pt'} | {100 * row['accuracy_at_mix']:.2f}% | "
+            f"{'-' if b1 is None else f'{b1:,.0f}'} | {row['engine_best_cells_per_s']:,.0f} ({row['engine_best_batch']}) | "
             f"{'-' if e2e is None else f'{e2e:,.0f}'} | {'-' if auroc is None else f'{auroc:.3f}'} |")
     return "\n".join(lines)

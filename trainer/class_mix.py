@@ -60,14 +60,25 @@ class ClassMix:
         """Accuracy and per-class recall of re-weighted decisions, each class weighted by its share.
 
         ``probabilities`` hold for the training mix; ``labels`` index the classes
-        (negative: unlabeled, ignored). A class without labeled cells has no recall
-        to weigh, so the accuracy is then undefined and refused.
+        (negative: unlabeled, ignored).
+        """
+        return self.score(self.decide(probabilities), labels)
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """Each cell's class once its probabilities (for the training mix) are moved to this mix by Bayes' rule."""
+        return reweight(probabilities, self.weights).argmax(axis=1)
+
+    def score(self, predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        """Accuracy and per-class recall at this mix of decisions made by :meth:`decide`.
+
+        Separate from :meth:`decide` so that decisions of models trained on different
+        mixes (cross-validation folds) can be pooled first. A class without labeled
+        cells has no recall to weigh, so the accuracy is then undefined and refused.
         """
         labeled = labels >= 0
-        predicted = reweight(probabilities[labeled], self.weights).argmax(axis=1)
         truth = labels[labeled].astype(np.int64)
         support = np.bincount(truth, minlength=len(self.class_names))
-        hits = np.bincount(truth[predicted == truth], minlength=len(self.class_names))
+        hits = np.bincount(truth[predicted[labeled] == truth], minlength=len(self.class_names))
         absent = [name for name, n in zip(self.class_names, support) if n == 0]
         if absent:
             raise UserError(f"{SETTING}: no labeled cells of {', '.join(absent)}, so their recall at the mix is unknown")

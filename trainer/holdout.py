@@ -3,8 +3,8 @@
 ``--hold-out K/N`` trains on the labeled cells outside fold K of the stratified
 N-fold split that ``--folds N`` uses (split seed 0, the seed of the documented
 cross-validation runs). The bundle records the fold, and ``flowsort bench
-frontier`` scores every model on exactly those cells, refusing models that held
-out something else.
+frontier`` scores each bundle on exactly those cells, pooling one bundle per fold
+into a model's cross-validation accuracy, and refuses bundles of other splits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`flowsort bench frontier TEACHER DATASET --students S ...`: parses the options of
+"""`flowsort bench frontier TEACHER [TEACHER ...] DATASET --students S ...`: parses the options of
 :func:`bench.frontier.measure_frontier` and runs it."""
 
 from __future__ import annotations
@@ -15,17 +15,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "frontier",
-        help="accuracy on held-out cells against engine and end-to-end speed, for a teacher and its students",
-        description="For the teacher and each student, and each precision the OpenVINO engine can run for it: "
-        "5-class accuracy on the held-out cells every model left out of training (at this sample's class mix and at "
-        "--class-mix), engine cells/s at batch 1 and the best batch, the dead/debris AUROC on simulated cells, and "
-        "end-to-end max sustained cells/s through `flowsort serve` unless --skip-e2e. Writes frontier.json and "
-        "frontier.png (accuracy against cells/s).",
+        help="cross-validated accuracy on held-out cells against engine and end-to-end speed, per model and precision",
+        description="Every bundle holds out one fold of the same split (--hold-out K/N when trained). The teachers, one "
+        "bundle per fold, form the teacher model; the students form one model per width and kind (distilled or "
+        "trained on the labels only), each covering exactly the teacher's folds. For each model and each precision "
+        "the OpenVINO engine can run for all its bundles: 5-class accuracy with each bundle scoring its own fold's "
+        "held-out cells, pooled over the folds (the cross-validation accuracy, at this sample's class mix and at "
+        "--class-mix; per fold, and against the teacher's at fp32), engine cells/s at batch 1 and the best batch "
+        "and the dead/debris AUROC on simulated cells (on the model's first bundle), and end-to-end max sustained "
+        "cells/s through `flowsort serve` unless --skip-e2e. Writes frontier.json and frontier.png (accuracy "
+        "against cells/s).",
     )
-    defaults = frontier.FrontierSettings(teacher=Path(), dataset=Path())
-    parser.add_argument("teacher", type=Path, help="the full-width bundle")
+    defaults = frontier.FrontierSettings(teachers=(), dataset=Path())
+    parser.add_argument("teachers", type=Path, nargs="+", metavar="TEACHER",
+                        help="the teacher's bundles, one per held-out fold (one keeps a single-fold frontier)")
     parser.add_argument("dataset", type=Path, help="the labeled dataset every model was trained on")
-    parser.add_argument("--students", type=Path, nargs="*", default=[], metavar="BUNDLE", help="student bundles")
+    parser.add_argument("--students", type=Path, nargs="*", default=[], metavar="BUNDLE",
+                        help="student bundles of any widths, one per fold of each student model")
     parser.add_argument("--class-mix", type=parse_class_mix, default=None, metavar="CLASS=N,...",
                         help=f"the second class mix to score at (default the paper's, {frontier.PAPER_MIX})")
     parser.add_argument("--batch-sizes", type=batch_sizes, default=defaults.batch_sizes, metavar="N,N",
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.frontier import FrontierSettings, measure_frontier
 
     measure_frontier(FrontierSettings(
-        teacher=args.teacher, dataset=args.dataset, students=tuple(args.students), class_mix=args.class_mix,
+        teachers=tuple(args.teachers), dataset=args.dataset, students=tuple(args.students), class_mix=args.class_mix,
         batch_sizes=args.batch_sizes, seconds=args.seconds, threads=args.threads, skip_e2e=args.skip_e2e,
         e2e_seconds=args.e2e_seconds, out=args.out,
     ))
