@@ -248,8 +248,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             for row in points:
                 ax.annotate(row["label"], (row["engine_best_cells_per_s"], 100 * row[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xscale="log" if measured else "linear", xlabel="engine cells/s (best batch)", ylabel="accuracy on held-out cells (%)", title=title)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # after the scale, which resets it
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
