@@ -29,18 +29,23 @@ BATCH_S = 0.010
 
 class SlowEngine(NullEngine):
     """Computes each batch, of any size, for BATCH_S from its submission (after the batch before it, one at a
-    time), as an asynchronous engine does: a ceiling of max_batch / BATCH_S cells/s."""
+    time), as an asynchronous engine does: a ceiling of max_batch / BATCH_S cells/s. Like OpenVINO it reports
+    each batch's submission-to-completion time, so the planner learns BATCH_S however late a busy machine
+    wakes the inference thread."""
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         self._free = 0.0
         self._done = [0.0] * self.depth
+        self._submitted = [0.0] * self.depth
 
     def _start(self, slot: int, cells: np.ndarray, n: int) -> None:
-        self._free = self._done[slot] = max(time.monotonic(), self._free) + BATCH_S
+        self._submitted[slot] = time.monotonic()
+        self._free = self._done[slot] = max(self._submitted[slot], self._free) + BATCH_S
 
     def _finish(self, slot: int, n: int) -> Outputs:
         time.sleep(max(0.0, self._done[slot] - time.monotonic()))
+        self.last_run_ns = int(1e9 * (self._done[slot] - self._submitted[slot]))
         return super()._finish(slot, n)
 
 
