@@ -29,6 +29,9 @@ def add_training_options(parser: argparse.ArgumentParser, width: float) -> None:
     parser.add_argument("--hold-out", metavar="K/N",
                         help="leave fold K of the N-fold split out of training (recorded in the bundle), so that "
                              "`flowsort bench frontier` scores several models on the same unseen cells")
+    parser.add_argument("--rotation", choices=("any", "right-angle"), default="any",
+                        help="any: every angle, resampled (softens the training cells); right-angle: quarter turns, "
+                             "mirrors and whole-pixel shifts, as sharp as the cells served (default any)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -37,11 +40,13 @@ def add_training_options(parser: argparse.ArgumentParser, width: float) -> None:
 
 
 def training_config(args: argparse.Namespace) -> TrainConfig:
+    from trainer.augment import Augmentation
     from trainer.train import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, width=args.width, balance=args.balance,
         monitor=args.monitor, patience=args.patience, seed=args.seed, precision=args.precision,
+        augmentation=Augmentation(rotation=args.rotation),
     )
 
 
