@@ -31,6 +31,7 @@ MANIFEST = "bundle.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 VALIDATION_FILE = "validation.npz"
+VALIDATION_SEEN_KEY = "validation_seen_in_training"  # provenance: the validation file holds training cells
 OUTPUT_NAMES = ("probabilities", "embedding", "dead_score")
 INPUT_NAME = "cells"
 
@@ -95,8 +96,14 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def validation_seen_in_training(self) -> bool:
+        """Whether the model was trained on every labeled cell, its validation file holding some of them."""
+        return bool(self.manifest["provenance"].get(VALIDATION_SEEN_KEY, False))
+
     def validation_cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Held-out uint16 cells [N, C, S, S] and their labels, stored at training time."""
+        """Held-out uint16 cells [N, C, S, S] and their labels, stored at training time (training cells where
+        :attr:`validation_seen_in_training`)."""
         with np.load(self.path / VALIDATION_FILE) as data:
             return data["images"], data["labels"]
 

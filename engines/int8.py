@@ -85,6 +85,16 @@ def guard(f32_probabilities: np.ndarray, int8_probabilities: np.ndarray, labels:
     )
 
 
+def require_unseen_validation(bundle: Bundle) -> None:
+    """Refuse, before any work, a bundle whose validation cells the model was trained on: the guard would judge
+    INT8 on cells both precisions already know."""
+    if bundle.validation_seen_in_training:
+        raise UserError(
+            f"{bundle.path} was trained on every labeled cell (`flowsort train --final-on-all-cells`), so it has no "
+            "unseen cells for the INT8 accuracy guard: quantize a model trained with a validation split instead"
+        )
+
+
 def run_guard(bundle: Bundle, reference: Engine, candidate: Engine) -> GuardReport:
     images, labels = bundle.validation_cells()
     return guard(predict_all(reference, images).probabilities, predict_all(candidate, images).probabilities, labels)

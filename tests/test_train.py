@@ -91,7 +91,8 @@ def test_cross_validation_reports_mean_and_sd(synthetic_dataset: Path) -> None:
     dataset = read_dataset(synthetic_dataset).subset(np.arange(400))
     labeled = np.flatnonzero(dataset.labels >= 0)
     mix = {name: 10.0 if name == dataset.class_names[0] else 1.0 for name in dataset.class_names}
-    summary = cross_validate(dataset, labeled, 3, small_config(epochs=1), class_mix=mix)
+    cv = cross_validate(dataset, labeled, 3, small_config(epochs=1), class_mix=mix)
+    summary = cv.summary
     assert [fold["fold"] for fold in summary["per_fold"]] == [1, 2, 3]
     assert sum(fold["n_test"] for fold in summary["per_fold"]) == len(labeled)
     accuracies = [fold["accuracy"] for fold in summary["per_fold"]]
@@ -104,3 +105,40 @@ def test_cross_validation_reports_mean_and_sd(synthetic_dataset: Path) -> None:
     at_mix = [fold["class_mix"] for fold in summary["per_fold"]]
     assert summary["class_mix"]["accuracy"]["mean"] == pytest.approx(np.mean([m["accuracy"] for m in at_mix]))
     assert summary["class_mix"]["mix"][dataset.class_names[0]] == pytest.approx(10 / (10 + len(dataset.class_names) - 1))
+    # Every cell's held-out logits, from the fold that never saw it: they score what the folds report.
+    evidence = cv.evidence
+    assert evidence.logits.shape == (len(labeled), len(dataset.class_names))
+    assert (evidence.logits.argmax(1) == evidence.labels).sum() == np.trace(pooled)
+    assert evidence.live_score_stretch > 0
+
+
+def test_final_model_on_all_cells_takes_epochs_and_calibration_from_the_folds(
+    synthetic_dataset: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from engines import int8
+    from flowsort.errors import UserError
+    from trainer.dataset import write_dataset
+    from trainer.holdout import HeldOutFold
+    from trainer.training_run import train_bundle
+
+    small = write_dataset(tmp_path / "small", read_dataset(synthetic_dataset).subset(np.arange(360)))
+    config = small_config(epochs=3, patience=0)
+    with pytest.raises(UserError, match="--folds"):
+        train_bundle(small, tmp_path / "no-folds", config, final_on_all_cells=True)
+    # Nested: the folds split the cells outside held-out fold 1 of 3, and the final model learns all of those.
+    held_out = HeldOutFold.parse("1/3")
+    manifest = train_bundle(small, tmp_path / "all", config, folds=2, final_on_all_cells=True, held_out=held_out)
+    folds = manifest["metrics"]["cross_validation"]["per_fold"]
+    trainable = held_out.split(read_dataset(small))[0]
+    assert sum(fold["n_test"] for fold in folds) == len(trainable)
+    assert manifest["provenance"]["n_train"] == len(trainable)  # every one, the validation cells among them
+    assert manifest["provenance"]["validation_seen_in_training"] is True
+    assert manifest["training"]["epochs"] == int(np.median([fold["best_epoch"] for fold in folds]))
+    assert len(manifest["training"]["history"]) == manifest["training"]["epochs"]  # no early stop without validation
+    assert manifest["metrics"]["calibration"]["fitted_on"] == "cross-validation held-out predictions"
+    assert "cross-validation" in manifest["dead_cell_detector"]["live_scores_from"]
+    bundle = load_bundle(tmp_path / "all")
+    assert len(bundle.validation_cells()[0]) > 0  # sample cells for warm-up and benchmarks
+    with pytest.raises(UserError, match="no unseen cells"):
+        int8.require_unseen_validation(bundle)
+    int8.require_unseen_validation(load_bundle(tiny_bundle))  # a model with a validation split may be quantized

@@ -7,9 +7,21 @@ fitted on held-out cells, fixes confidence without changing any decision.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+
+
+@dataclass(frozen=True)
+class FoldEvidence:
+    """What a model trained on every labeled cell, having no unseen cells of its own, borrows from the
+    cross-validation folds that trained it: their held-out predictions, and how far unseen live cells lie."""
+
+    logits: np.ndarray  # [N, K] each cell's logits from the fold model that never saw it
+    labels: np.ndarray  # [N]
+    live_score_stretch: float  # median over folds: dead-cell score quantile of unseen live cells / of training cells
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,11 @@ from scipy.special import softmax
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
+from engines.deployed_model import DeployedDeepFlow
+from trainer.calibration import FoldEvidence
 from trainer.class_mix import ClassMix
 from trainer.dataset import CellDataset
+from trainer.dead_cells import fit_detector
 from trainer.evaluation import confusion_matrix
 from trainer.merges import merged_classes, remap_labels
 from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
@@ -26,6 +30,18 @@ def fold_parts(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarr
     return list(splitter.split(np.zeros(len(labels)), labels))
 
 
+@dataclass(frozen=True)
+class CrossValidation:
+    """A cross-validation's report, and what a final model trained on every cell borrows from it."""
+
+    summary: dict[str, Any]  # per-fold and pooled figures (bundle.json's ``cross_validation``)
+    evidence: FoldEvidence
+
+    @property
+    def best_epochs(self) -> list[int]:
+        return [fold["best_epoch"] for fold in self.summary["per_fold"]]
+
+
 def cross_validate(
     dataset: CellDataset,
     labeled: np.ndarray,
@@ -35,7 +51,8 @@ def cross_validate(
     resume: bool = False,
     report_merges: list[str] | None = None,
     class_mix: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
+    dead_quantile: float = 0.99,
+) -> CrossValidation:
     """Train one model per fold and score it on the fold it never saw.
 
     Early stopping uses an inner validation split of the training folds, so the
@@ -43,20 +60,26 @@ def cross_validate(
     scores each fold with classes merged (probabilities summed), so one run gives
     both the 7-stage and the paper's 5-class figures. ``class_mix`` also scores
     each fold for a population with that mix (:mod:`trainer.class_mix`), against
-    the class mix its own training cells had.
+    the class mix its own training cells had. Each fold also measures how much
+    further from the live clusters unseen live cells lie than training cells do
+    (at ``dead_quantile`` of the dead-cell score): a model trained on every cell
+    has no unseen cells to set its dead-cell threshold on, and borrows that stretch.
     """
     merge_mapping = merged_classes(dataset.class_names, report_merges)[1] if report_merges else None
     labels = dataset.labels[labeled]
     min_count = int(np.bincount(labels[labels >= 0]).min(initial=0))
-    per_fold = []
+    per_fold, held_out_logits, held_out_labels, stretches = [], [], [], []
     for k, (train_part, test_part) in enumerate(fold_parts(labels, folds, config.seed)):
         inner_train, inner_val = stratified_split(labels[train_part], INNER_VALIDATION_FRACTION, config.seed + k)
         train_index, val_index = labeled[train_part][inner_train], labeled[train_part][inner_val]
         test_index = labeled[test_part]
         checkpoint = checkpoint_dir / f"fold-{k + 1}.pt" if checkpoint_dir else None
         result = fit(dataset, train_index, val_index, config, checkpoint, resume, description=f"fold {k + 1}/{folds}")
-        logits, _ = logits_and_embedding(result.module, dataset.images, test_index)
+        logits, test_embedding = logits_and_embedding(result.module, dataset.images, test_index)
         test_labels = dataset.labels[test_index]
+        held_out_logits.append(logits)
+        held_out_labels.append(test_labels)
+        stretches.append(live_score_stretch(result.module, dataset, train_index, test_embedding, dead_quantile))
         metrics = validation_metrics(logits, test_labels.astype(np.int64))
         metrics["confusion_matrix"] = confusion_matrix(test_labels, logits.argmax(axis=1), len(dataset.class_names)).tolist()
         if merge_mapping is not None:
@@ -81,7 +104,19 @@ def cross_validate(
         summary["merged"] = {"merges": report_merges, **mean_and_sd([fold["merged"] for fold in per_fold])}
     if class_mix is not None:
         summary["class_mix"] = {"mix": per_fold[0]["class_mix"]["mix"], **mean_and_sd([fold["class_mix"] for fold in per_fold])}
-    return summary
+    return CrossValidation(summary, FoldEvidence(np.concatenate(held_out_logits),
+                                                 np.concatenate(held_out_labels).astype(np.int64),
+                                                 float(np.median(stretches))))
+
+
+def live_score_stretch(module: DeployedDeepFlow, dataset: CellDataset, train_index: np.ndarray, test_embedding: np.ndarray,
+                       quantile: float) -> float:
+    """How much higher the ``quantile`` of unseen live cells' dead-cell scores is than that of the training cells,
+    with a detector fitted on the training cells (as :mod:`trainer.package` fits one)."""
+    _, train_embedding = logits_and_embedding(module, dataset.images, train_index)
+    detector = fit_detector(train_embedding, dataset.labels[train_index])
+    seen = float(np.quantile(detector.score(train_embedding), quantile))
+    return float(np.quantile(detector.score(test_embedding), quantile)) / max(seen, 1e-12)
 
 
 def merged_metrics(logits: np.ndarray, labels: np.ndarray, mapping: np.ndarray) -> dict[str, float]:

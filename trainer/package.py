@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.bundle import ONNX_FILE, OUTPUT_NAMES, VALIDATION_FILE, WEIGHTS_FILE, write_manifest
+from engines.bundle import ONNX_FILE, OUTPUT_NAMES, VALIDATION_FILE, VALIDATION_SEEN_KEY, WEIGHTS_FILE, write_manifest
 from flowsort import __version__
-from trainer.calibration import expected_calibration_error, calibrated_probabilities, fit_temperature
+from trainer.calibration import FoldEvidence, expected_calibration_error, calibrated_probabilities, fit_temperature
 from trainer.dataset import UNLABELED, CellDataset, content_hash
 from trainer.dead_cells import fit_detector, labeled_threshold, quantile_threshold
 from engines.deployed_model import DeployedDeepFlow, export_onnx
@@ -47,11 +47,19 @@ def calibrate_and_fit_detector(
     train_index: np.ndarray,
     validation_index: np.ndarray,
     dead_quantile: float,
+    seen_everything: FoldEvidence | None = None,
 ) -> dict[str, Any]:
-    """Set temperature and dead-cell detector on ``module``; return what the manifest records."""
+    """Set temperature and dead-cell detector on ``module``; return what the manifest records.
+
+    ``seen_everything``: the model was trained on every labeled cell (``validation_index`` are some of them), so
+    the temperature comes from the cross-validation folds' held-out predictions and the live cells' dead-cell
+    scores are the training cells' stretched as far as the folds saw unseen cells lie beyond their training cells.
+    """
     labels = dataset.labels.astype(np.int64)
     val_logits, val_embedding = logits_and_embedding(module, dataset.images, validation_index)
     val_labels = labels[validation_index]
+    if seen_everything is not None:
+        val_logits, val_labels = seen_everything.logits, seen_everything.labels
     temperature = fit_temperature(val_logits, val_labels)
     module.set_temperature(temperature)
 
@@ -62,13 +70,17 @@ def calibrate_and_fit_detector(
     # Cells the network was fitted on sit closer to their class means than new cells do, so a
     # threshold set on them flags too many live cells in the stream; held-out cells set it
     # whenever there are enough of them to place a tail quantile.
-    held_out = len(validation_index) >= MIN_HELD_OUT_CELLS
+    held_out = seen_everything is None and len(validation_index) >= MIN_HELD_OUT_CELLS
     live_scores = detector.score(val_embedding) if held_out else train_scores
+    live_from = "validation" if held_out else "training"
+    if seen_everything is not None:
+        live_scores = train_scores * seen_everything.live_score_stretch
+        live_from = f"training, x{seen_everything.live_score_stretch:.3f} (cross-validation folds' unseen cells)"
 
     detector_record: dict[str, Any] = {
         "method": "mahalanobis-nearest-class-shared-covariance",
         "classes_fitted": len(detector.means),
-        "live_scores_from": "validation" if held_out else "training",
+        "live_scores_from": live_from,
     }
     dead = dead_truth(dataset)
     known_dead = np.flatnonzero(dead & (labels == UNLABELED)) if dead is not None else np.zeros(0, np.int64)
@@ -85,6 +97,7 @@ def calibrate_and_fit_detector(
         detector_record["flagged_fraction_validation"] = float((live_scores > threshold).mean())
     calibration = {
         "temperature": temperature,
+        "fitted_on": "cross-validation held-out predictions" if seen_everything is not None else "validation",
         "ece_before": expected_calibration_error(calibrated_probabilities(val_logits, 1.0), val_labels) if len(val_labels) else None,
         "ece_after": expected_calibration_error(calibrated_probabilities(val_logits, temperature), val_labels) if len(val_labels) else None,
     }
@@ -101,13 +114,17 @@ def write_bundle(
     dead_quantile: float = 0.99,
     extra_metrics: dict[str, Any] | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    seen_everything: FoldEvidence | None = None,
 ) -> Path:
     """Write the bundle directory ``out`` (replacing the model files there).
 
     ``extra_manifest`` adds top-level bundle.json sections (the held-out fold, distillation settings).
+    ``seen_everything``: the model was trained on every labeled cell (:func:`calibrate_and_fit_detector`);
+    ``validation_index`` then names training cells kept as the bundle's sample cells.
     """
     module = fitted.module.cpu().eval()
-    fitted_parts = calibrate_and_fit_detector(module, dataset, train_index, validation_index, dead_quantile)
+    fitted_parts = calibrate_and_fit_detector(module, dataset, train_index, validation_index, dead_quantile,
+                                              seen_everything)
     out.mkdir(parents=True, exist_ok=True)
     net = module.net
     architecture = {
@@ -156,6 +173,7 @@ def write_bundle(
             "train_class_counts": {name: int(count) for name, count in zip(
                 dataset.class_names, np.bincount(dataset.labels[train_index].astype(np.int64), minlength=len(dataset.class_names)))},
             "n_validation": int(len(validation_index)),
+            VALIDATION_SEEN_KEY: seen_everything is not None,
             "seed": config.seed,
             "flowsort_version": __version__,
             "git_commit": git_commit(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,17 @@ def train_bundle(
     threads: int | None = None,
     resume: bool = False,
     held_out: HeldOutFold | None = None,
+    final_on_all_cells: bool = False,
 ) -> dict[str, Any]:
     """Train on the labeled cells of ``dataset_path`` (after ``merges``, outside the ``held_out`` fold),
     optionally cross-validate first, and write the bundle to ``output``; prints progress and returns the
-    bundle's manifest."""
+    bundle's manifest.
+
+    The final model learns from ``1 - val_fraction`` of the cells and early-stops on the rest, or with
+    ``final_on_all_cells`` from every one of them for the median of the folds' best epochs, calibrated on the
+    folds' held-out predictions (:func:`trainer.package.calibrate_and_fit_detector`). With ``held_out`` as well,
+    the folds split the cells outside it: nested cross-validation, which scores the whole recipe on that fold.
+    """
     check_run_settings(val_fraction, dead_quantile, threads)
     if folds == 1 or folds < 0:
         raise UserError("--folds must be 0 (no cross-validation) or at least 2")
@@ -49,8 +57,9 @@ def train_bundle(
     if class_mix and not folds:
         raise UserError("--class-mix reports cross-validation: give --folds K as well "
                         "(or score a bundle with `flowsort evaluate --class-mix`)")
-    if held_out and folds:
-        raise UserError("--hold-out and --folds both choose what to train on: give one of them")
+    if final_on_all_cells and not folds:
+        raise UserError("--final-on-all-cells takes its epoch count and its calibration from cross-validation: "
+                        "give --folds K as well")
     dataset = apply_merges(read_dataset(dataset_path), merges)
     labeled = trainable_cells(dataset, held_out, dataset_path)
     if class_mix:  # refuse a mix that names the wrong classes now, not after the folds have trained
@@ -63,19 +72,31 @@ def train_bundle(
           f"channels {list(dataset.channels)}")
 
     extra = {}
+    cv = None
     if folds:
-        cv = cross_validate(dataset, labeled, folds, config, checkpoints, resume, cv_merges, class_mix)
-        extra["cross_validation"] = cv
-        for title, block in (("", cv), (" (merged)", cv.get("merged")), (" at the class mix", cv.get("class_mix"))):
+        cv = cross_validate(dataset, labeled, folds, config, checkpoints, resume, cv_merges, class_mix, dead_quantile)
+        extra["cross_validation"] = cv.summary
+        summary = cv.summary
+        for title, block in (("", summary), (" (merged)", summary.get("merged")),
+                             (" at the class mix", summary.get("class_mix"))):
             if block:
                 print(f"{folds}-fold cross-validation{title}: accuracy {block['accuracy']['mean']:.4f} ± "
                       f"{block['accuracy']['sd']:.4f}, balanced accuracy {block['balanced_accuracy']['mean']:.4f} ± "
                       f"{block['balanced_accuracy']['sd']:.4f}")
 
     train_index, val_index = final_split(dataset, labeled, val_fraction, config.seed)
-    fitted = fit(dataset, train_index, val_index, config, checkpoints / "final.pt", resume, description="final model")
+    early_stop_on = val_index
+    seen_everything = None
+    if cv is not None and final_on_all_cells:
+        seen_everything = cv.evidence
+        config = replace(config, epochs=max(1, int(np.median(cv.best_epochs))))
+        print(f"final model on all {len(labeled)} cells for {config.epochs} epochs (the median of the folds' best "
+              f"epochs {cv.best_epochs}), calibrated on the folds' held-out predictions")
+        train_index, early_stop_on = labeled, val_index[:0]  # the validation cells stay as sample cells, marked seen
+    fitted = fit(dataset, train_index, early_stop_on, config, checkpoints / "final.pt", resume,
+                 description="final model")
     write_bundle(output, fitted, dataset, train_index, val_index, config, dead_quantile, extra,
-                 held_out_manifest(dataset, held_out))
+                 held_out_manifest(dataset, held_out), seen_everything)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return print_bundle_summary(output)
 
@@ -115,7 +136,9 @@ def print_bundle_summary(output: Path) -> dict[str, Any]:
     manifest = json.loads((output / "bundle.json").read_text())
     val = manifest["metrics"]["validation"]
     detector = manifest["dead_cell_detector"]
-    print(f"bundle written to {output}: validation accuracy {val.get('accuracy', float('nan')):.4f}, "
-          f"balanced accuracy {val.get('balanced_accuracy', float('nan')):.4f} (epoch {manifest['metrics']['best_epoch']}), "
-          f"temperature {manifest['temperature']:.3f}, dead threshold {detector['threshold']:.2f} ({detector['threshold_from']})")
+    scored = (f"validation accuracy {val['accuracy']:.4f}, balanced accuracy {val['balanced_accuracy']:.4f} "
+              f"(epoch {manifest['metrics']['best_epoch']})" if "accuracy" in val
+              else f"trained on every labeled cell for {manifest['metrics']['best_epoch']} epochs")
+    print(f"bundle written to {output}: {scored}, temperature {manifest['temperature']:.3f}, "
+          f"dead threshold {detector['threshold']:.2f} ({detector['threshold_from']})")
     return manifest

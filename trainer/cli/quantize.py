@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--cells must be at least 1")
     bundle = load_bundle(args.bundle)
     int8.require_writable(bundle)
+    int8.require_unseen_validation(bundle)
     dataset = read_dataset(args.dataset)
     if "held_out" in bundle.manifest:  # cells kept out of training stay out of calibration too
         from trainer.holdout import held_out_removed
