@@ -1,8 +1,9 @@
 """The models of `flowsort bench frontier`: bundles grouped into models, one bundle per cross-validation fold.
 
 A frontier compares models, not bundles: the teachers (one bundle per fold) form
-the teacher model, and the students group by width and by whether they were
-distilled or trained on the labels only. Every bundle must hold out a fold of the
+the teacher model, and the students group by width and recipe: distilled or
+trained on the labels only, right-angle or any-angle rotation, final model on
+every cell or early-stopped on a validation split. Every bundle must hold out a fold of the
 same split of the same dataset (``--hold-out K/N``), each model one bundle per
 fold, and every student model exactly the teacher's folds, so that each model's
 pooled accuracy is a cross-validation accuracy over the same cells.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engines.bundle import VALIDATION_SEEN_KEY
 from flowsort.errors import UserError
 from trainer.holdout import MANIFEST_KEY
 
@@ -46,20 +48,32 @@ def width_of(bundle: Any) -> float:
     return float(bundle.manifest["model"]["width"])
 
 
+def recipe_of(bundle: Any) -> tuple[str, ...]:
+    """What sets a bundle's training apart, in words: how it learned, and the non-default recipe choices."""
+    parts = ["distilled" if "distillation" in bundle.manifest else "labels only"]
+    if bundle.manifest.get("training", {}).get("augmentation", {}).get("rotation", "any") != "any":
+        parts.append(f"{bundle.manifest['training']['augmentation']['rotation']} rotation")
+    if bundle.manifest.get("provenance", {}).get(VALIDATION_SEEN_KEY):
+        parts.append("final on all cells")
+    return tuple(parts)
+
+
 def frontier_models(teachers: list[Any], students: list[Any]) -> list[FoldModel]:
-    """The teacher model first, then one model per (student width, distilled or not), in the order given."""
+    """The teacher model first, then one model per student width and recipe (:func:`recipe_of`), in the order given."""
     check_same_split([*teachers, *students])
-    widths = sorted({width_of(bundle) for bundle in teachers})
-    if len(widths) > 1:
-        raise UserError("the teachers differ in width (" + "; ".join(f"{b.path}: w{width_of(b):g}" for b in teachers)
-                        + "): give one bundle per fold of the same teacher model")
-    teacher = fold_model(f"w{widths[0]:g} teacher", teachers)
-    groups: dict[tuple[float, bool], list[Any]] = {}
+    kinds = sorted({(width_of(bundle), recipe_of(bundle)[1:]) for bundle in teachers})
+    if len(kinds) > 1:
+        raise UserError("the teachers differ in width or recipe (" + "; ".join(
+            f"{b.path}: w{width_of(b):g} {', '.join(recipe_of(b))}" for b in teachers)
+            + "): give one bundle per fold of the same teacher model")
+    width, extras = kinds[0]
+    teacher = fold_model(", ".join([f"w{width:g} teacher", *extras]), teachers)
+    groups: dict[tuple[float, tuple[str, ...]], list[Any]] = {}
     for bundle in students:
-        groups.setdefault((width_of(bundle), "distillation" in bundle.manifest), []).append(bundle)
+        groups.setdefault((width_of(bundle), recipe_of(bundle)), []).append(bundle)
     models = [teacher]
-    for (width, distilled), bundles in groups.items():
-        model = fold_model(f"w{width:g} {'distilled' if distilled else 'labels only'}", bundles)
+    for (width, recipe), bundles in groups.items():
+        model = fold_model(f"w{width:g} {', '.join(recipe)}", bundles)
         check_covers(model, teacher)
         models.append(model)
     return models

@@ -127,7 +127,8 @@ def test_final_model_on_all_cells_takes_epochs_and_calibration_from_the_folds(
         train_bundle(small, tmp_path / "no-folds", config, final_on_all_cells=True)
     # Nested: the folds split the cells outside held-out fold 1 of 3, and the final model learns all of those.
     held_out = HeldOutFold.parse("1/3")
-    manifest = train_bundle(small, tmp_path / "all", config, folds=2, final_on_all_cells=True, held_out=held_out)
+    manifest = train_bundle(small, tmp_path / "all", config, folds=2, final_on_all_cells=True, held_out=held_out,
+                            keep_folds=True)
     folds = manifest["metrics"]["cross_validation"]["per_fold"]
     trainable = held_out.split(read_dataset(small))[0]
     assert sum(fold["n_test"] for fold in folds) == len(trainable)
@@ -142,3 +143,10 @@ def test_final_model_on_all_cells_takes_epochs_and_calibration_from_the_folds(
     with pytest.raises(UserError, match="no unseen cells"):
         int8.require_unseen_validation(bundle)
     int8.require_unseen_validation(load_bundle(tiny_bundle))  # a model with a validation split may be quantized
+    # --keep-folds: each fold model is a bundle of its own, never having seen the outer held-out fold either.
+    for fold in folds:
+        kept = load_bundle(tmp_path / "all" / "folds" / f"fold-{fold['fold']}")
+        assert kept.manifest["held_out"] == manifest["held_out"]
+        assert kept.manifest["provenance"]["n_train"] + kept.manifest["provenance"]["n_validation"] == (
+            len(trainable) - fold["n_test"])
+        assert kept.manifest["metrics"]["best_epoch"] == fold["best_epoch"]

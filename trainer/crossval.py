@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from trainer.dataset import CellDataset
 from trainer.dead_cells import fit_detector
 from trainer.evaluation import confusion_matrix
 from trainer.merges import merged_classes, remap_labels
-from trainer.train import TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
+from trainer.train import FitResult, TrainConfig, fit, logits_and_embedding, stratified_split, validation_metrics
 
 INNER_VALIDATION_FRACTION = 0.1
 
@@ -52,6 +52,7 @@ def cross_validate(
     report_merges: list[str] | None = None,
     class_mix: Mapping[str, float] | None = None,
     dead_quantile: float = 0.99,
+    on_fold: Callable[[int, FitResult, np.ndarray, np.ndarray], None] | None = None,
 ) -> CrossValidation:
     """Train one model per fold and score it on the fold it never saw.
 
@@ -64,6 +65,8 @@ def cross_validate(
     further from the live clusters unseen live cells lie than training cells do
     (at ``dead_quantile`` of the dead-cell score): a model trained on every cell
     has no unseen cells to set its dead-cell threshold on, and borrows that stretch.
+    ``on_fold(fold, fitted, train_index, validation_index)`` gets each fold's model once it is scored
+    (`flowsort train --keep-folds` packages it).
     """
     merge_mapping = merged_classes(dataset.class_names, report_merges)[1] if report_merges else None
     labels = dataset.labels[labeled]
@@ -94,6 +97,8 @@ def cross_validate(
                    + (f"; merged accuracy {metrics['merged']['accuracy']:.4f}" if "merged" in metrics else "")
                    + (f"; at the class mix {metrics['class_mix']['accuracy']:.4f}" if "class_mix" in metrics else ""))
         per_fold.append(metrics)
+        if on_fold is not None:
+            on_fold(k + 1, result, train_index, val_index)
     summary: dict[str, Any] = {
         "folds": folds, "per_fold": per_fold, "smallest_class": min_count, "class_names": list(dataset.class_names),
         # Pooled over the folds: every cell is counted once, when it was held out.

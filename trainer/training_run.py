@@ -19,9 +19,10 @@ from trainer.dataset import CellDataset, read_dataset
 from trainer.holdout import MANIFEST_KEY, HeldOutFold
 from trainer.merges import apply_merges
 from trainer.package import write_bundle
-from trainer.train import TrainConfig, fit, stratified_split
+from trainer.train import FitResult, TrainConfig, fit, stratified_split
 
 VAL_FRACTION = 0.2
+FOLDS_DIR = "folds"  # --keep-folds: the fold models' bundles, inside the bundle directory
 DEAD_QUANTILE = 0.99
 
 
@@ -39,6 +40,7 @@ def train_bundle(
     resume: bool = False,
     held_out: HeldOutFold | None = None,
     final_on_all_cells: bool = False,
+    keep_folds: bool = False,
 ) -> dict[str, Any]:
     """Train on the labeled cells of ``dataset_path`` (after ``merges``, outside the ``held_out`` fold),
     optionally cross-validate first, and write the bundle to ``output``; prints progress and returns the
@@ -48,6 +50,8 @@ def train_bundle(
     ``final_on_all_cells`` from every one of them for the median of the folds' best epochs, calibrated on the
     folds' held-out predictions (:func:`trainer.package.calibrate_and_fit_detector`). With ``held_out`` as well,
     the folds split the cells outside it: nested cross-validation, which scores the whole recipe on that fold.
+    ``keep_folds`` also writes each fold's model as a bundle under ``output/folds`` (teachers for `flowsort
+    distill`, an ensemble for `flowsort bench frontier`).
     """
     check_run_settings(val_fraction, dead_quantile, threads)
     if folds == 1 or folds < 0:
@@ -57,6 +61,8 @@ def train_bundle(
     if class_mix and not folds:
         raise UserError("--class-mix reports cross-validation: give --folds K as well "
                         "(or score a bundle with `flowsort evaluate --class-mix`)")
+    if keep_folds and not folds:
+        raise UserError("--keep-folds keeps the cross-validation's fold models: give --folds K as well")
     if final_on_all_cells and not folds:
         raise UserError("--final-on-all-cells takes its epoch count and its calibration from cross-validation: "
                         "give --folds K as well")
@@ -74,7 +80,12 @@ def train_bundle(
     extra = {}
     cv = None
     if folds:
-        cv = cross_validate(dataset, labeled, folds, config, checkpoints, resume, cv_merges, class_mix, dead_quantile)
+        def package_fold(fold: int, fitted: FitResult, train_index: np.ndarray, val_index: np.ndarray) -> None:
+            write_bundle(output / FOLDS_DIR / f"fold-{fold}", fitted, dataset, train_index, val_index, config,
+                         dead_quantile, None, held_out_manifest(dataset, held_out))
+
+        cv = cross_validate(dataset, labeled, folds, config, checkpoints, resume, cv_merges, class_mix, dead_quantile,
+                            package_fold if keep_folds else None)
         extra["cross_validation"] = cv.summary
         summary = cv.summary
         for title, block in (("", summary), (" (merged)", summary.get("merged")),

@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--final-on-all-cells", action="store_true",
                         help="train the final model on every labeled cell for the median of the folds' best epochs, "
                              "calibrated on the folds' held-out predictions (needs --folds)")
+    parser.add_argument("--keep-folds", action="store_true",
+                        help="also write each fold's model as a bundle under BUNDLE/folds/ (teachers for `flowsort "
+                             "distill`; needs --folds)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in the bundle directory")
     parser.set_defaults(run=run)
 
@@ -38,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     train_bundle(args.dataset, args.output, training_config(args), merges=args.merge, val_fraction=args.val_fraction,
                  folds=args.folds, cv_merges=args.cv_merge, class_mix=args.class_mix, dead_quantile=args.dead_quantile,
                  threads=args.threads, resume=args.resume, held_out=held_out_fold(args),
-                 final_on_all_cells=args.final_on_all_cells)
+                 final_on_all_cells=args.final_on_all_cells, keep_folds=args.keep_folds)
     return 0
