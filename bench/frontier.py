@@ -1,8 +1,9 @@
 """`flowsort bench frontier TEACHER [TEACHER ...] DATASET --students S ...`: accuracy against speed.
 
 The bundles are grouped into models (:mod:`bench.frontier_models`): one teacher
-bundle per cross-validation fold (``--hold-out K/N`` when trained), and students
-of any widths, distilled or trained on the labels only, covering the same folds.
+bundle per cross-validation fold (``--hold-out K/N`` when trained), students
+of any widths and recipes covering the same folds, and ensembles (several
+bundles per fold, their probabilities averaged).
 For each model and each precision the OpenVINO engine can run for every one of its
 bundles (INT8 only where a bundle holds a guard-approved model):
 
@@ -16,7 +17,8 @@ bundles (INT8 only where a bundle holds a guard-approved model):
   the dead/debris AUROC of the dead-cell score on simulated cells (float
   precisions), on the model's first bundle: its folds share the architecture;
 * end-to-end max sustained cells/s through ``flowsort serve`` (``bench e2e``'s
-  sweep, at the precision the streamer picks), unless ``--skip-e2e``.
+  sweep, at the precision the streamer picks), unless ``--skip-e2e`` (not for
+  ensembles: the streamer serves one bundle).
 
 Writes ``frontier.json`` and ``frontier.png`` (accuracy against cells/s).
 """
@@ -48,6 +50,7 @@ class FrontierSettings:
     teachers: tuple[Path, ...]
     dataset: Path
     students: tuple[Path, ...] = ()
+    ensembles: tuple[Path, ...] = ()
     class_mix: dict[str, float] | None = None  # None: the paper's
     batch_sizes: tuple[int, ...] = DEFAULT_BATCHES
     seconds: float = 2.0
@@ -107,9 +110,10 @@ def measure_model(model: FoldModel, cells: dict[int, FoldCells], mix: dict[str, 
     from trainer.class_mix import ClassMix
 
     mixes = [ClassMix.of(bundle.class_names, mix, bundle.class_prior) for bundle in model.bundles]
-    runnable = [engines.precisions("openvino", bundle) for bundle in model.bundles]
+    runnable = [set.intersection(*(set(engines.precisions("openvino", bundle)) for bundle in members))
+                for members in model.members]
     rows = []
-    for precision in dict.fromkeys(p for precisions in runnable for p in precisions):
+    for precision in dict.fromkeys(p for members in model.members for p in engines.precisions("openvino", members[0])):
         row = {"label": model.label, "bundles": model.paths(), "folds": list(model.folds), "precision": precision}
         lacking = [fold for fold, can in zip(model.folds, runnable) if precision not in can]
         if lacking:  # INT8 exists only where the bundle holds a guard-approved model
@@ -121,9 +125,10 @@ def measure_model(model: FoldModel, cells: dict[int, FoldCells], mix: dict[str, 
 
 def measure_precision(model: FoldModel, precision: str, cells: dict[int, FoldCells], mixes: list[Any],
                       settings: FrontierSettings, tick: Any) -> dict[str, Any]:
-    """Every bundle predicts its own fold's cells, pooled; speed and AUROC on the first bundle.
+    """Every fold's bundle (or ensemble, probabilities averaged) predicts its own fold's cells, pooled; speed on the
+    first fold's bundles (an ensemble's members run one after another), AUROC on a single bundle's dead score.
 
-    ``mixes``: the ``--class-mix`` for each bundle, from its own training mix.
+    ``mixes``: the ``--class-mix`` for each fold, from its (first) bundle's own training mix.
     """
     import engines
     from bench.engine_bench import bench_engine
@@ -132,25 +137,32 @@ def measure_precision(model: FoldModel, precision: str, cells: dict[int, FoldCel
     sizes = settings.batch_sizes
     first = cells[model.folds[0]].images
     timing_cells = np.ascontiguousarray(np.resize(first, (max(sizes), *first.shape[1:])))
-    hits, decided = [], []
-    for bundle, fold, bundle_mix in zip(model.bundles, model.folds, mixes):
-        try:
-            engine = engines.load(bundle, "openvino", precision, max_batch=max(sizes), threads=settings.threads)
-        except UserError as exc:  # e.g. INT8 rejected by its guard: the frontier says why and goes on
-            return {"unavailable": f"{bundle.path}: {exc}"}
-        with engine:
-            probabilities = predict_all(engine, cells[fold].images).probabilities
-            if bundle is model.bundles[0]:
-                speed = bench_engine(engine, timing_cells, sizes, settings.seconds, tick)
-                auroc = dead_cell_auroc(engine, bundle) if precision in ("fp32", "bf16") else None
+    hits, decided, member_speeds = [], [], []
+    auroc = None
+    for members, fold, fold_mix in zip(model.members, model.folds, mixes):
+        probabilities: Any = 0.0
+        for bundle in members:
+            try:
+                engine = engines.load(bundle, "openvino", precision, max_batch=max(sizes), threads=settings.threads)
+            except UserError as exc:  # e.g. INT8 rejected by its guard: the frontier says why and goes on
+                return {"unavailable": f"{bundle.path}: {exc}"}
+            with engine:
+                probabilities = probabilities + predict_all(engine, cells[fold].images).probabilities / len(members)
+                if members is model.members[0]:
+                    member_speeds.append(bench_engine(engine, timing_cells, sizes, settings.seconds, tick))
+                    if len(members) == 1 and precision in ("fp32", "bf16"):
+                        auroc = dead_cell_auroc(engine, bundle)
         hits.append(probabilities.argmax(1) == cells[fold].labels)
-        decided.append(bundle_mix.decide(probabilities))  # each fold's model from its own training mix
+        decided.append(fold_mix.decide(probabilities))  # each fold's model from its own training mix
     at_mix = mixes[0].score(
         np.concatenate(decided), np.concatenate([cells[fold].labels for fold in model.folds]))
+    speed = one_after_another(member_speeds)
     best = max(speed, key=lambda row: row["throughput_cells_per_s"])
     return {
         "width": model.width,
-        "distilled_from": list(dict.fromkeys(teacher["content_hash"][:12] for bundle in model.bundles
+        "members": len(model.members[0]),
+        "distilled_from": list(dict.fromkeys(teacher["content_hash"][:12] for members in model.members
+                                             for bundle in members
                                              for teacher in bundle.manifest.get("distillation", {}).get("teachers", []))),
         "accuracy": float(np.concatenate(hits).mean()),
         "accuracy_folds": [float(fold_hits.mean()) for fold_hits in hits],
@@ -159,6 +171,16 @@ def measure_precision(model: FoldModel, precision: str, cells: dict[int, FoldCel
         "engine_best_cells_per_s": best["throughput_cells_per_s"], "engine_best_batch": best["batch"],
         "dead_auroc_synthetic": auroc, "engine_rows": speed,
     }
+
+
+def one_after_another(member_speeds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Engine rows of an ensemble from its members' rows at the same batch sizes: each cell passes through every
+    member in turn, so the times per cell add up (one member: its own rows)."""
+    if len(member_speeds) == 1:
+        return member_speeds[0]
+    return [{"batch": rows[0]["batch"], "members": len(rows),
+             "throughput_cells_per_s": 1 / sum(1 / row["throughput_cells_per_s"] for row in rows)}
+            for rows in zip(*member_speeds)]
 
 
 def end_to_end(bundle_path: Path, out: Path, seconds: float, start_rate: float) -> dict[str, Any]:
@@ -186,13 +208,15 @@ def measure_frontier(settings: FrontierSettings) -> dict[str, Any]:
         raise UserError("give at least one teacher bundle")
     mix = settings.class_mix if settings.class_mix is not None else parse_class_mix(PAPER_MIX)
     models = frontier_models([load_bundle(path) for path in settings.teachers],
-                             [load_bundle(path) for path in settings.students])
+                             [load_bundle(path) for path in settings.students],
+                             [load_bundle(path) for path in settings.ensembles])
     dataset, cells = held_out_cells(models, settings.dataset)
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(models) * 3 * len(settings.batch_sizes), unit="point", desc="frontier") as progress:
+    points = sum(len(model.members[0]) for model in models) * 3 * len(settings.batch_sizes)
+    with tqdm(total=points, unit="point", desc="frontier") as progress:
         for model in models:
             model_rows = measure_model(model, cells, mix, settings, progress.update)
-            if not settings.skip_e2e:
+            if not settings.skip_e2e and len(model.members[0]) == 1:  # an ensemble is not one bundle to serve
                 fastest = max((r["engine_b1_cells_per_s"] or 0 for r in model_rows if "accuracy" in r), default=0)
                 e2e = end_to_end(model.bundles[0].path, settings.out / "e2e" / model.label.replace(" ", "-"),
                                  settings.e2e_seconds, fastest)

@@ -23,10 +23,16 @@ SPLIT_KEYS = ("folds", "split_seed", "dataset_hash")
 
 @dataclass(frozen=True)
 class FoldModel:
-    """One model of the frontier: its label and its bundles, one per held-out fold, in fold order."""
+    """One model of the frontier: its label and, per held-out fold in fold order, its bundles: one, or the members
+    of an ensemble whose probabilities are averaged."""
 
     label: str
-    bundles: tuple[Any, ...]
+    members: tuple[tuple[Any, ...], ...]
+
+    @property
+    def bundles(self) -> tuple[Any, ...]:
+        """Each fold's first bundle (all of them, for a model that is not an ensemble)."""
+        return tuple(members[0] for members in self.members)
 
     @property
     def folds(self) -> tuple[int, ...]:
@@ -37,7 +43,7 @@ class FoldModel:
         return width_of(self.bundles[0])
 
     def paths(self) -> list[str]:
-        return [str(bundle.path) for bundle in self.bundles]
+        return [str(bundle.path) for members in self.members for bundle in members]
 
 
 def fold_of(bundle: Any) -> int:
@@ -58,9 +64,10 @@ def recipe_of(bundle: Any) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def frontier_models(teachers: list[Any], students: list[Any]) -> list[FoldModel]:
-    """The teacher model first, then one model per student width and recipe (:func:`recipe_of`), in the order given."""
-    check_same_split([*teachers, *students])
+def frontier_models(teachers: list[Any], students: list[Any], ensembles: list[Any] = ()) -> list[FoldModel]:
+    """The teacher model first, then one model per student width and recipe (:func:`recipe_of`), in the order given,
+    then one ensemble per width and recipe of ``ensembles``."""
+    check_same_split([*teachers, *students, *ensembles])
     kinds = sorted({(width_of(bundle), recipe_of(bundle)[1:]) for bundle in teachers})
     if len(kinds) > 1:
         raise UserError("the teachers differ in width or recipe (" + "; ".join(
@@ -74,6 +81,13 @@ def frontier_models(teachers: list[Any], students: list[Any]) -> list[FoldModel]
     models = [teacher]
     for (width, recipe), bundles in groups.items():
         model = fold_model(f"w{width:g} {', '.join(recipe)}", bundles)
+        check_covers(model, teacher)
+        models.append(model)
+    groups = {}
+    for bundle in ensembles:
+        groups.setdefault((width_of(bundle), recipe_of(bundle)), []).append(bundle)
+    for (width, recipe), bundles in groups.items():
+        model = ensemble_model(f"w{width:g} {', '.join(recipe)}", bundles)
         check_covers(model, teacher)
         models.append(model)
     return models
@@ -100,7 +114,20 @@ def fold_model(label: str, bundles: list[Any]) -> FoldModel:
             raise UserError(f"{by_fold[fold].path} and {bundle.path} ({label}) both hold out fold {fold}: "
                             "give one bundle per fold of each model")
         by_fold[fold] = bundle
-    return FoldModel(label, tuple(by_fold[fold] for fold in sorted(by_fold)))
+    return FoldModel(label, tuple((by_fold[fold],) for fold in sorted(by_fold)))
+
+
+def ensemble_model(label: str, bundles: list[Any]) -> FoldModel:
+    """``bundles`` as one ensemble: those holding out the same fold are that fold's members, as many on each fold."""
+    by_fold: dict[int, list[Any]] = {}
+    for bundle in bundles:
+        by_fold.setdefault(fold_of(bundle), []).append(bundle)
+    counts = {fold: len(members) for fold, members in sorted(by_fold.items())}
+    if len(set(counts.values())) > 1 or min(counts.values()) < 2:
+        raise UserError(f"an ensemble ({label}) needs two or more bundles on each fold, as many on every fold; got "
+                        + ", ".join(f"{count} on fold {fold}" for fold, count in counts.items()))
+    size = next(iter(counts.values()))
+    return FoldModel(f"{label}, ensemble of {size}", tuple(tuple(by_fold[fold]) for fold in sorted(by_fold)))
 
 
 def check_covers(model: FoldModel, teacher: FoldModel) -> None:

@@ -135,3 +135,34 @@ def test_hold_out_folds_partition_the_labeled_cells(quick_bundle: Path) -> None:
     assert np.array_equal(together, np.flatnonzero(dataset.labels >= 0))
     train, test = HeldOutFold(2, 3).split(dataset)
     assert not set(train) & set(test)
+
+
+def test_an_ensemble_averages_its_members_on_their_shared_fold(models, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import engines
+    from engines.base import predict_all
+    from engines.bundle import load_bundle
+    from trainer.evaluation import model_labels
+
+    dataset, teacher, _ = models
+    other = tmp_path / "other-seed"  # the teacher's recipe with another seed, holding out the same fold
+    assert main(["train", str(dataset), "-o", str(other), "--width", "0.25", "--hold-out", "1/3", "--seed", "7",
+                 *QUICK]) == 0
+    out = tmp_path / "frontier"
+    assert main(["bench", "frontier", str(teacher), str(dataset), "--ensembles", str(teacher), str(other),
+                 "--skip-e2e", "--batch-sizes", "1,4", "--seconds", "0.1", "--class-mix", MIX, "-o", str(out)]) == 0
+    rows = json.loads((out / "frontier.json").read_text())["results"]
+    single = next(r for r in rows if r["label"] == "w0.25 teacher" and r["precision"] == "fp32")
+    ensemble = next(r for r in rows if r["label"] == "w0.25 labels only, ensemble of 2" and r["precision"] == "fp32")
+    cells = read_dataset(dataset).subset(HeldOutFold(1, 3).split(read_dataset(dataset))[1])
+    probabilities = []
+    for path in (teacher, other):
+        with engines.load(load_bundle(path), "openvino", "fp32") as engine:
+            probabilities.append(predict_all(engine, cells.images).probabilities)
+    expected = (np.mean(probabilities, axis=0).argmax(1) == model_labels(load_bundle(teacher), cells)).mean()
+    assert ensemble["accuracy"] == pytest.approx(expected)
+    assert ensemble["members"] == 2 and ensemble["dead_auroc_synthetic"] is None
+    # Each cell passes through both members: the ensemble is slower than its faster member alone.
+    assert ensemble["engine_best_cells_per_s"] < single["engine_best_cells_per_s"] * 1.5
+    assert main(["bench", "frontier", str(teacher), str(dataset), "--ensembles", str(other),
+                 "--skip-e2e", "-o", str(tmp_path / "f")]) == 2
+    assert "two or more bundles on each fold" in capsys.readouterr().err
