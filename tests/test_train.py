@@ -122,7 +122,7 @@ def test_final_model_on_all_cells_takes_epochs_and_calibration_from_the_folds(
     from trainer.training_run import train_bundle
 
     small = write_dataset(tmp_path / "small", read_dataset(synthetic_dataset).subset(np.arange(360)))
-    config = small_config(epochs=3, patience=0)
+    config = small_config(epochs=3, monitor="loss")
     with pytest.raises(UserError, match="--folds"):
         train_bundle(small, tmp_path / "no-folds", config, final_on_all_cells=True)
     # Nested: the folds split the cells outside held-out fold 1 of 3, and the final model learns all of those.
@@ -134,7 +134,7 @@ def test_final_model_on_all_cells_takes_epochs_and_calibration_from_the_folds(
     assert sum(fold["n_test"] for fold in folds) == len(trainable)
     assert manifest["provenance"]["n_train"] == len(trainable)  # every one, the validation cells among them
     assert manifest["provenance"]["validation_seen_in_training"] is True
-    assert manifest["training"]["epochs"] == int(np.median([fold["best_epoch"] for fold in folds]))
+    assert manifest["training"]["epochs"] == int(np.median([fold["best_epoch"] for fold in folds])) >= 2
     assert len(manifest["training"]["history"]) == manifest["training"]["epochs"]  # no early stop without validation
     assert manifest["metrics"]["calibration"]["fitted_on"] == "cross-validation held-out predictions"
     assert "cross-validation" in manifest["dead_cell_detector"]["live_scores_from"]

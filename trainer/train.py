@@ -318,7 +318,7 @@ def train_epoch(
         running += loss.item()
         steps = step + 1
         bar.update()
-        bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {running / steps:.3f}" + (f" best {config.monitor} {best[config.monitor]:.4f}" if best else ""))
+        bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {running / steps:.3f}" + (f" best {config.monitor} {best[config.monitor]:.4f}" if best and config.monitor in best else ""))
     return running / max(1, steps)
 
 
