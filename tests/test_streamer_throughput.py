@@ -101,8 +101,10 @@ def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: 
         decided = [r for r in rows if r["error"] == ""]
         assert len(refused) + len(decided) + sum(r["error"] == Reason.EXPIRED for r in rows) == len(ids)
         # The engine could decide about 150 of them in time; how many it does depends on how busy this machine
-        # is (admission plans on the engine times it measured): some, but nowhere near all.
-        assert len(decided) >= 20 and len(refused) >= 200, (len(decided), len(refused))
+        # is (admission plans on the engine times it measured): some, but nowhere near all. Most of the excess is
+        # refused at the door; on a loaded machine a share of the admitted cells expires in the queue instead
+        # (answered late, never run: seen 195 refused and 101 expired in one CI run).
+        assert len(decided) >= 20 and len(refused) >= 100 and len(decided) <= 300, (len(decided), len(refused))
         late = [r for r in decided if r["late"]]
         # Admission plans with a margin; on a busy machine a thread woken late can still make a few cells late,
         # and those are never sorted.
