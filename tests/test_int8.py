@@ -35,7 +35,7 @@ def test_passing_quantization_is_kept_and_served(quick_bundle: Path, tmp_path: P
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int8, "MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(int8, "MAX_ACCURACY_DROP", 1.0)
-    monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENT", 1.0)  # no layer given back to float
+    monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENTS", (1.0,))  # no layer given back to float
     bundle, report = quantized_copy(quick_bundle, tmp_path)
     assert report.passed
     kept = int8.approved_model(bundle)
@@ -66,13 +66,36 @@ def test_quantization_that_keeps_every_layer_in_float_is_not_kept(quick_bundle: 
 
     # As if accuracy control had given every layer back to float: a float model that trivially passes the guard.
     monkeypatch.setattr(openvino_int8, "float_scope", lambda model: nncf.IgnoredScope(types=["Convolution", "MatMul"]))
-    monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENT", 1.0)
+    monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENTS", (1.0,))
     bundle, report = quantized_copy(quick_bundle, tmp_path)
     recorded = int8.read_report(int8.int8_dir(bundle, "openvino"))
     assert recorded["int8_layers"]["int8"] == 0 and recorded["passed"] is False
     assert int8.approved_model(bundle) is None
     with pytest.raises(UserError, match="no layer could be quantized"):
         engines.load(bundle, "openvino", "int8")
+
+
+def test_a_model_the_guard_rejects_is_made_again_at_a_stricter_target(quick_bundle: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.int8 import GuardReport
+
+    targets = []
+    real_quantize = __import__("nncf").quantize_with_accuracy_control
+
+    def quantize(*args, max_drop, **kwargs):
+        targets.append(max_drop)
+        return real_quantize(*args, max_drop=max_drop, **kwargs)
+
+    verdicts = iter([GuardReport(cells=10, agreement=0.9, accuracy_f32=0.8, accuracy_int8=0.7),  # rejected
+                     GuardReport(cells=10, agreement=1.0, accuracy_f32=0.8, accuracy_int8=0.8)])
+    monkeypatch.setattr("nncf.quantize_with_accuracy_control", quantize)
+    monkeypatch.setattr(openvino_int8, "run_guard", lambda *args: next(verdicts))
+    monkeypatch.setattr(openvino_int8, "TARGET_DISAGREEMENTS", (1.0, 0.5))  # both keep INT8 layers on this model
+    bundle, report = quantized_copy(quick_bundle, tmp_path)
+    assert targets == [1.0, 0.5] and report.passed
+    recorded = int8.read_report(int8.int8_dir(bundle, "openvino"))
+    assert recorded["target_disagreement"] == 0.5 and recorded["passed"]
+    assert int8.approved_model(bundle) is not None
 
 
 def test_sensitive_layers_stay_in_float(quick_bundle: Path) -> None:
