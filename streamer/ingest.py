@@ -117,10 +117,7 @@ class InputAdapter:
                 finite = np.isfinite(pixels).all(axis=(1, 2, 3))
                 if not finite.all():
                     bad = ~finite
-                with np.errstate(invalid="ignore"):
-                    pixels = np.clip(np.rint(pixels), 0, 65535).astype(np.uint16)
-            else:
-                pixels = pixels.astype(np.uint16)
+            pixels = p.to_native(pixels)
             self._converted[message.dtype].inc(n)
         if pixels.shape[-2:] != (self.size, self.size):
             pixels = fit_to_size(pixels, self.size)

@@ -85,6 +85,17 @@ DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
 }
 NATIVE_DTYPE = "uint16"
+
+
+def to_native(pixels: np.ndarray) -> np.ndarray:
+    """Pixels of an accepted type as uint16: float rounded and clipped to 0..65535 (NaN and inf give
+    undefined values: callers that care find those cells first)."""
+    if pixels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            return np.clip(np.rint(pixels), 0, 65535).astype(np.uint16)
+    return pixels.astype(np.uint16)
+
+
 UINT64 = np.dtype("<u8")
 INT64 = np.dtype("<i8")
 

@@ -249,10 +249,7 @@ def recorded_cells(path: str | Path) -> RecordedCells:
         cells = message.decoded
         if cells is None:
             continue
-        pixels = cells.pixels
-        if cells.dtype != "uint16":
-            pixels = np.clip(np.rint(pixels), 0, 65535) if cells.dtype == "float32" else pixels
-            pixels = pixels.astype(np.uint16)
+        pixels = cells.pixels if cells.dtype == p.NATIVE_DTYPE else p.to_native(cells.pixels)
         if channels is None:
             channels, shape = cells.channels, pixels.shape[1:]
         elif cells.channels != channels or pixels.shape[1:] != shape:

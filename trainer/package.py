@@ -56,9 +56,10 @@ def calibrate_and_fit_detector(
     scores are the training cells' stretched as far as the folds saw unseen cells lie beyond their training cells.
     """
     labels = dataset.labels.astype(np.int64)
-    val_logits, val_embedding = logits_and_embedding(module, dataset.images, validation_index)
-    val_labels = labels[validation_index]
-    if seen_everything is not None:
+    if seen_everything is None:
+        val_logits, val_embedding = logits_and_embedding(module, dataset.images, validation_index)
+        val_labels = labels[validation_index]
+    else:  # the validation cells are training cells: the folds' held-out predictions stand in for them
         val_logits, val_labels = seen_everything.logits, seen_everything.labels
     temperature = fit_temperature(val_logits, val_labels)
     module.set_temperature(temperature)
