@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -105,6 +106,11 @@ class Engine(ABC):
         flight can start another on an idle stream meanwhile. Engines that cannot tell say True: collect()
         then simply waits for it."""
         return True
+
+    def notify(self, wake: Callable[[], None]) -> bool:
+        """Have ``wake()`` called (from any thread) whenever a submitted batch ends, so a caller can sleep
+        until then instead of looking; False: this engine cannot, and the caller looks at :meth:`done`."""
+        return False
 
     def collect(self) -> Outputs:
         """Wait for the oldest submitted batch; views of its outputs."""

@@ -3,11 +3,14 @@
 Every section and key is optional (defaults below, and in
 ``deploy/streamer.toml`` with a comment each); unknown keys are refused so a
 typo does not silently fall back to a default. Errors name the file, the
-section and the key.
+section and the key. Keys of earlier versions that no longer do anything
+(:data:`RETIRED`) are accepted with a warning, so an upgrade does not stop a
+working configuration.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tomllib
@@ -22,6 +25,10 @@ if TYPE_CHECKING:
 
 BIND, CONNECT = "bind", "connect"
 DROP_OLDEST, REFUSE = "drop_oldest", "refuse"
+# Keys that earlier versions read and this one ignores, per section: why.
+RETIRED = {"batching": {"emit_queue_messages": "decisions are sent the moment they are made, with no queue"}}
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -64,7 +71,6 @@ class BatchingConfig:
     adaptive_delay: bool = True  # skip max_delay on an engine where bigger batches cost as much per cell
     queue_cells: int = 8192
     overload: str = DROP_OLDEST
-    emit_queue_messages: int = 4096  # decision messages waiting for the sender thread
 
     @property
     def max_batch(self) -> int:
@@ -229,6 +235,10 @@ def _section(source: str, name: str, defaults: Any, data: Any) -> Any:
     cls = type(defaults)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where} must be a table")
+    retired = sorted(set(data) & set(RETIRED.get(name, {})))
+    for key in retired:
+        log.warning("%s: %s %s is no longer used (%s): remove it", source, where, key, RETIRED[name][key])
+    data = {key: value for key, value in data.items() if key not in retired}
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -319,7 +329,6 @@ def validate(config: StreamerConfig) -> None:
     need(batching.queue_cells >= ingest.max_cells_per_message,
          f"[batching] queue_cells ({batching.queue_cells}) must be at least [ingest] max_cells_per_message "
          f"({ingest.max_cells_per_message}), or one message could never fit")
-    need(batching.emit_queue_messages >= 1, f"[batching] emit_queue_messages must be at least 1, got {batching.emit_queue_messages}")
 
     need(config.deadline.budget_us >= 0, f"[deadline] budget_us must be >= 0 (0 = none), got {config.deadline.budget_us}")
     need(config.deadline.budget_from in (CAPTURE, RECEIPT),

@@ -1,14 +1,18 @@
-"""The inference thread: forms batches with the :class:`~streamer.batcher.Batcher` and runs them.
+"""Dispatch: forms batches with the :class:`~streamer.batcher.Batcher`, runs them and hands on the results.
 
-It keeps up to the engine's ``depth`` batches in flight (the engines'
-``submit``/``collect`` double buffering, or one batch per OpenVINO stream):
-while the engine computes with the GIL released, this thread can assemble
-and submit the next. Cells of a batch are copied
+The service loop (:mod:`streamer.loop`) calls :meth:`Dispatcher.step`, which
+does whatever is due and says when it wants to run next. It keeps up to the
+engine's ``depth`` batches in flight (the engines' ``submit``/``collect``
+double buffering, or one batch per OpenVINO stream): while the engine
+computes on its own threads, the loop reads and queues the next cells. An
+engine that reports its completions (:meth:`~engines.base.Engine.notify`:
+OpenVINO) wakes the loop the moment a batch ends; with one that cannot, the
+loop looks again when the batch should be done and, once every buffer is
+taken, waits in ``collect``. Cells of a batch are copied
 once, into the engine's input (a single-message batch is handed over as the
 received frame's view; a merged one is gathered into one preallocated
-buffer first). Results go through the policy as whole arrays and on to the
-emitter per acquisition; the ingest and emitter threads never wait for it and
-it never waits for them.
+buffer first). Results go through the policy as whole arrays and out through the
+emitter per acquisition.
 
 An engine failure answers the batch's cells with ``engine_error`` decisions;
 ``max_consecutive_failures`` in a row make the service not ready until a
@@ -29,7 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +48,9 @@ from streamer.metrics import Metrics
 from streamer.model import Model
 from streamer.protocol import Reason
 from streamer.ratelog import RateLimitedLog
-from streamer.threadnames import INFERENCE, name_os_thread
 
 log = logging.getLogger(__name__)
-IDLE_WAIT_S = 0.05
-POLL_S = 0.0002  # while a batch runs and a stream is idle: how often to look whether it ended
+POLL_NS = 200_000  # an engine that cannot report its completions: how often to look once a batch should be done
 
 
 @dataclass(slots=True)
@@ -72,10 +74,11 @@ def acquisition_spans(flight: Flight) -> Iterator[tuple[str, slice]]:
         start += count
 
 
-class Dispatcher(threading.Thread):
+class Dispatcher:
     def __init__(self, model: Model, batcher: Batcher, emitter: Emitter, metrics: Metrics,
-                 max_failures: int, reject_interval: float, results_embedding: int | None = None) -> None:
-        super().__init__(name="flowsort-inference", daemon=True)
+                 max_failures: int, reject_interval: float, wake: Callable[[], None],
+                 results_embedding: int | None = None) -> None:
+        """``wake``: wakes the service loop from any thread (engine completions, a swap from the reload thread)."""
         self.model = model
         # --results: embedding components to keep with each block's outputs; None: results off, nothing copied.
         self.results_embedding = results_embedding
@@ -83,139 +86,133 @@ class Dispatcher(threading.Thread):
         self.emitter = emitter
         self.metrics = metrics
         self.max_failures = max_failures
-        self.cond = threading.Condition()
+        self.wake = wake
         self.inflight: deque[Flight] = deque()
         self.failing = False
         self.failures_in_row = 0
+        self._notifies = model.engine.notify(wake)
+        # Handed over by the reload thread, taken by the loop between two batches.
         self._pending_swap: Model | None = None
+        self._pending_batching: tuple[BatchingConfig, int] | None = None
+        self._handover = threading.Lock()
         self._swapped = threading.Event()
         self._stopping = False
         self._buffer = self._allocate(model)
         # When the last batches ended (engine clock where it has one), oldest first, one per parallel batch: a batch
         # queued behind them starts when the one ``parallel`` places ahead of it ended.
         self._ends: deque[int] = deque(maxlen=model.planner.parallel)
-        self._wake_at: int | None = None  # while the thread sleeps: when it wakes by itself
         self._ratelog = RateLimitedLog(log, reject_interval)
         self._failed = metrics.cells_rejected.labels(Reason.ENGINE_ERROR)
         self._expired = metrics.cells_rejected.labels(Reason.EXPIRED)
-        self.on_swap: Any = None  # called with the new model after a swap (from this thread)
+        self.on_swap: Any = None  # called with the new model after a swap (from the loop)
 
     @staticmethod
     def _allocate(model: Model) -> np.ndarray:
         return np.zeros((model.engine.max_batch, *model.engine.input_shape), np.uint16)
 
-    # ------------------------------------------------------------------ other threads
+    # ------------------------------------------------------------------ the loop's calls
 
     def queue(self, segments: list[Segment]) -> list[Admission]:
-        """Admit ``segments`` (cells read back to back) in one go: one lock, at most one wake-up."""
-        with self.cond:
-            now = time.perf_counter_ns()
-            admissions = [self.batcher.admit(segment, now) for segment in segments]
-            # Wake the thread only if it sleeps and these arrivals bring its next batch forward.
-            if self._wake_at is not None and any(a.queued for a in admissions):
-                due = self.batcher.due(now)
-                if due is not None and due < self._wake_at:
-                    self.cond.notify()
-        return admissions
+        """Admit ``segments`` (cells read back to back) in one go."""
+        now = time.perf_counter_ns()
+        return [self.batcher.admit(segment, now) for segment in segments]
 
     def queue_marker(self, marker: Marker) -> None:
-        with self.cond:
-            self.batcher.add_marker(marker)
-            self.cond.notify()
-
-    def swap(self, model: Model, timeout: float = 30.0) -> bool:
-        """Run ``model`` from the next batch on; returns once swapped (False on timeout or shutdown)."""
-        self._swapped.clear()
-        with self.cond:
-            if self._stopping:
-                return False
-            self._pending_swap = model
-            self.cond.notify()
-        return self._swapped.wait(timeout)
-
-    def reconfigure(self, batching: BatchingConfig, max_failures: int) -> None:
-        """A reload's ``[batching]`` and failure bound, taken between two batches."""
-        with self.cond:
-            self.batcher.configure(batching)
-            self.max_failures = max_failures
+        self.batcher.add_marker(marker)
 
     def drain(self) -> None:
-        """Run everything queued without waiting for company, then end the thread."""
-        with self.cond:
-            self._stopping = True
-            self.batcher.draining = True
-            self.cond.notify()
+        """From now on run everything queued without waiting for company (the service is stopping)."""
+        self._stopping = True
+        self.batcher.draining = True
+
+    @property
+    def drained(self) -> bool:
+        """Stopping, and nothing is queued or running any more."""
+        return self._stopping and not self.batcher.queue and not self.inflight
 
     def queued(self) -> int:
         return self.batcher.queued
 
-    # ------------------------------------------------------------------ the thread
-
-    def run(self) -> None:
-        name_os_thread(INFERENCE)
-        try:
-            self._loop()
-        except Exception:
-            log.exception("inference thread failed")
-            raise
-        finally:
-            self._swapped.set()
-
-    def _loop(self) -> None:
+    def step(self) -> int | None:
+        """Collect the batches that ended, start those that are due; when to be called again at the latest
+        (service clock, ns; None: only when woken or when cells arrive)."""
+        self.take_handover()
         while True:
-            batch = None
-            swap = None
-            with self.cond:
-                while True:
-                    if self._pending_swap is not None and not self.inflight:
-                        swap, self._pending_swap = self._pending_swap, None
-                        break
-                    now = time.perf_counter_ns()
-                    due = None
-                    if len(self.inflight) < self.model.engine.depth and self._pending_swap is None:
-                        backlog = self._backlog(now)
-                        due = self.batcher.due(now, backlog)
-                        if due is not None and due <= now:
-                            batch = self.batcher.take(now, backlog)
-                            break
-                    if self.inflight and self._collect_now():
-                        break
-                    if self._stopping and not self.batcher.queue and not self.inflight:
-                        return
-                    timeout = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, (due - now) / 1e9)
-                    if self.inflight:  # look again when the oldest batch should be done, then every POLL_S
-                        timeout = min(timeout, max(POLL_S, (self.inflight[0].finish_ns - now) / 1e9))
-                    self._wake_at = now + int(timeout * 1e9)
-                    self.cond.wait(timeout)
-                    self._wake_at = None
-            if swap is not None:
-                self._swap(swap)
-                continue
-            flight = None
-            try:
-                if batch is not None:
-                    self._start(batch, now)
-                else:
-                    flight = self.inflight.popleft()
-                    self._finish(flight)
-            except Exception:  # a bug must cost one batch, not the service
-                log.exception("unexpected error on a batch; answering its cells with %s", Reason.ENGINE_ERROR)
-                failed = flight.batch if flight is not None else batch
-                for piece in failed.pieces:
-                    self.emitter.post(error_block(piece, Reason.ENGINE_ERROR, self.model.bundle_hash))
-                self._pass_markers(failed)
-            # For the ingest thread's admission: when the engine can take another batch.
             now = time.perf_counter_ns()
-            self.batcher.engine_free_ns = now + int(self._backlog(now))
+            due = None
+            if self._pending_swap is not None and not self.inflight:
+                self._swap()
+                continue
+            if len(self.inflight) < self.model.engine.depth and self._pending_swap is None:
+                backlog = self._backlog(now)
+                due = self.batcher.due(now, backlog)
+                if due is not None and due <= now:
+                    self._run(self.batcher.take(now, backlog), now)
+                    continue
+            if self.inflight and self._collect_now():
+                self._run(None, now)
+                continue
+            break
+        if self.inflight and not self._notifies:  # look again when the oldest batch should be done
+            check = max(now + POLL_NS, self.inflight[0].finish_ns)
+            due = check if due is None else min(due, check)
+        return due
+
+    def _run(self, batch: Batch | None, now: int) -> None:
+        """Start ``batch``, or collect the oldest batch in flight (None)."""
+        flight = None
+        try:
+            if batch is not None:
+                self._start(batch, now)
+            else:
+                flight = self.inflight.popleft()
+                self._finish(flight)
+        except Exception:  # a bug must cost one batch, not the service
+            log.exception("unexpected error on a batch; answering its cells with %s", Reason.ENGINE_ERROR)
+            failed = flight.batch if flight is not None else batch
+            for piece in failed.pieces:
+                self.emitter.post(error_block(piece, Reason.ENGINE_ERROR, self.model.bundle_hash))
+            self._pass_markers(failed)
+        # For admission: when the engine can take another batch.
+        now = time.perf_counter_ns()
+        self.batcher.engine_free_ns = now + int(self._backlog(now))
+
+    # ------------------------------------------------------------------ other threads
+
+    def swap(self, model: Model, timeout: float = 30.0) -> bool:
+        """Run ``model`` from the next batch on; returns once swapped (False on timeout or shutdown)."""
+        self._swapped.clear()
+        with self._handover:
+            if self._stopping:
+                return False
+            self._pending_swap = model
+        self.wake()
+        return self._swapped.wait(timeout)
+
+    def reconfigure(self, batching: BatchingConfig, max_failures: int) -> None:
+        """A reload's ``[batching]`` and failure bound, taken by the loop between two batches."""
+        with self._handover:
+            self._pending_batching = (batching, max_failures)
+        self.wake()
+
+    def release(self) -> None:
+        """The loop has ended: a reload waiting for its swap gives up."""
+        self._swapped.set()
+
+    def take_handover(self) -> None:
+        """Apply a reload's ``[batching]`` (the loop calls this first in every turn, before reading cells)."""
+        if self._pending_batching is None:
+            return
+        with self._handover:
+            (batching, self.max_failures), self._pending_batching = self._pending_batching, None
+        self.batcher.configure(batching)
 
     def _collect_now(self) -> bool:
-        """Whether to collect the oldest batch in flight now: it is done, or every buffer is taken, so nothing can
-        be submitted before it ends (collect then waits for it with the GIL released and returns the moment it
-        completes). While a stream is idle this thread instead waits for new work and looks again every
-        ``POLL_S``: OpenVINO can say when a batch ended only through a callback that needs the GIL."""
+        """Whether to collect the oldest batch in flight now: it is done (an engine that cannot tell says it
+        is, and collect then waits for it). Otherwise the loop reads cells meanwhile, woken by the engine when
+        it reports completions, else looking again when the batch should be done."""
         oldest = self.inflight[0]
-        engine = self.model.engine
-        return oldest.model is None or len(self.inflight) >= engine.depth or oldest.model.engine.done()
+        return oldest.model is None or oldest.model.engine.done()
 
     def _backlog(self, now: int) -> float:
         """Engine time still ahead of a batch submitted now, before it can start."""
@@ -230,9 +227,12 @@ class Dispatcher(threading.Thread):
             return now
         return max(now, finishes[len(finishes) - parallel])
 
-    def _swap(self, model: Model) -> None:
+    def _swap(self) -> None:
+        with self._handover:
+            model, self._pending_swap = self._pending_swap, None
         old = self.model
         self.model = model
+        self._notifies = model.engine.notify(self.wake)
         self.batcher.planner = model.planner
         self._ends = deque(maxlen=model.planner.parallel)
         if self._buffer.shape[0] < model.engine.max_batch or self._buffer.shape[1:] != model.engine.input_shape:

@@ -1,13 +1,12 @@
-"""The decision sender: one thread owning the PUSH (sorter controller) and PUB (monitors) sockets.
+"""The decision sender: owns the PUSH (sorter controller) and PUB (monitors) sockets.
 
 Everything that leaves the service passes through :meth:`Emitter.post` as a
 :class:`DecisionBlock` (decisions or errors for cells of one acquisition), an
-:class:`EndReport` or a :class:`Pong`. The thread decides lateness at the last
-moment (a decision that would leave after its cell's deadline goes out late
-and unsorted), encodes one columnar message, and sends it without ever
-blocking: a full or absent consumer drops the message (counted), so a slow
-sorter never stalls inference. The queue in front of the thread is bounded
-as well (oldest dropped, counted).
+:class:`EndReport` or a :class:`Pong`, on the service loop, the moment it is
+made. It decides lateness at the last moment (a decision that would leave
+after its cell's deadline goes out late and unsorted), encodes one columnar
+message, and sends it without ever blocking: a full or absent consumer drops
+the message (counted), so a slow sorter never stalls inference.
 
 With ``flowsort serve --results``, each block, once sent, goes on to the
 :class:`~streamer.results_thread.ResultsWriter` with the columns as sent
@@ -18,9 +17,8 @@ thread made for it; that never blocks either.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +32,6 @@ from streamer.metrics import Metrics
 from streamer.policy import NO_GATE, Columns, Policy, apply_late
 from streamer.ratelog import RateLimitedLog
 from streamer.results_thread import ResultBlock, ResultsWriter
-from streamer.threadnames import EMITTER, name_os_thread
 
 log = logging.getLogger(__name__)
 MAX_ACQUISITIONS = 1024  # per-acquisition counts kept for end reports
@@ -88,79 +85,38 @@ class AcquisitionCounts:
                 "sorted": dict(self.sorted), "errors": dict(self.errors)}
 
 
-class Emitter(threading.Thread):
+class Emitter:
     def __init__(self, sockets: dict[str, zmq.Socket], metrics: Metrics, worker: str, margin_ns: int,
-                 capacity: int, linger_ms: int = 2000, results: ResultsWriter | None = None) -> None:
-        super().__init__(name="flowsort-emitter", daemon=True)
-        self.sockets = sockets  # "push" / "pub" -> socket, used by this thread only once started
+                 linger_ms: int = 2000, results: ResultsWriter | None = None) -> None:
+        self.sockets = sockets  # "push" / "pub" -> socket, used by the service loop only
         self.results = results  # --results: decided cells go on to the FCS writer once sent
         self.metrics = metrics
         self.worker = worker
         self.margin_ns = margin_ns
-        self.capacity = capacity
         self.linger_ms = linger_ms
-        self._queue: deque[Any] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
         self._seq = 0
         self._counts: OrderedDict[str, AcquisitionCounts] = OrderedDict()
         self._ratelog = RateLimitedLog(log, 5.0)
         self._sent = {name: metrics.decisions_sent.labels(name) for name in sockets}
-        self._dropped = {name: metrics.decisions_dropped.labels(name) for name in (*sockets, "queue")}
+        self._dropped = {name: metrics.decisions_dropped.labels(name) for name in sockets}
         self._decided: dict[str, Any] = {}
         self._sorted: dict[str, Any] = {}
-        self.idle = threading.Event()
 
-    # ------------------------------------------------------------------ producer side (any thread)
-
-    def post(self, item: Any) -> None:
-        with self._cond:
-            if len(self._queue) >= self.capacity:
-                old = self._queue.popleft()
-                if isinstance(old, DecisionBlock):
-                    self._dropped["queue"].inc(len(old.event_ids))
-                self._ratelog.log(logging.WARNING, "queue", "decision queue full (%d messages): dropped the oldest",
-                                  self.capacity)
-            self._queue.append(item)
-            self.idle.clear()
-            self._cond.notify()
+    def post(self, item: DecisionBlock | EndReport | Pong) -> None:
+        """Send ``item`` now (a failure to encode or send is logged, never raised: it must not stop the loop)."""
+        try:
+            self._handle(item)
+        except Exception:
+            log.exception("could not send %s", type(item).__name__)
 
     def reconfigure(self, deadline: DeadlineConfig) -> None:
-        """A reload's ``[deadline] margin_us`` (read per block by this thread: one assignment)."""
+        """A reload's ``[deadline] margin_us`` (read per block: one assignment)."""
         self.margin_ns = int(deadline.margin_us * 1000)
 
-    def stop(self) -> None:
-        """Send what is queued, then close the sockets (with linger) and end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def pending(self) -> int:
-        return len(self._queue)
-
-    # ------------------------------------------------------------------ the thread
-
-    def run(self) -> None:
-        name_os_thread(EMITTER)
-        try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._stopping:
-                        self.idle.set()
-                        self._cond.wait(0.5)
-                    if not self._queue and self._stopping:
-                        break
-                    items = list(self._queue)
-                    self._queue.clear()
-                for item in items:
-                    try:
-                        self._handle(item)
-                    except Exception:
-                        log.exception("could not send %s", type(item).__name__)
-        finally:
-            self.idle.set()
-            for socket in self.sockets.values():
-                socket.close(linger=self.linger_ms)
+    def close(self) -> None:
+        """Close the sockets, giving what is still queued in ZeroMQ ``linger_ms`` to leave."""
+        for socket in self.sockets.values():
+            socket.close(linger=self.linger_ms)
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, DecisionBlock):

@@ -1,4 +1,7 @@
-"""The ingest thread: owns the PULL socket, validates every message, queues cells, answers what it cannot use.
+"""Ingest: reads the PULL socket, validates every message, queues cells, answers what it cannot use.
+
+The service loop (:mod:`streamer.loop`) calls :meth:`Ingest.read` whenever the
+socket has messages; nothing here waits or runs a thread of its own.
 
 Per message it does little: decode the header, view the pixel frame in
 place, check it against the model (channels, dtype, size). Messages read back
@@ -20,7 +23,6 @@ contract, :func:`engines.preprocessing.fit_to_size` (counted).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +42,8 @@ from streamer.metrics import Metrics
 from streamer.protocol import Reason, Rejected
 from streamer.ratelog import RateLimitedLog, describe_ids
 from streamer.recording import AcquisitionWriter
-from streamer.threadnames import INGEST, name_os_thread
 
 log = logging.getLogger(__name__)
-BURST = 512  # messages read per wakeup before looking at the monitor and the stop flag
 # Cells messages read back to back are admitted to the queue together (one lock, one wake-up of the inference
 # thread) once this many are pending or this long after the first, or when the socket has nothing more.
 ADMIT_MESSAGES, ADMIT_AFTER_NS = 64, 200_000
@@ -130,13 +130,12 @@ class InputAdapter:
                         deadline[good] if isinstance(deadline, np.ndarray) else deadline, ids[bad])
 
 
-class Ingest(threading.Thread):
+class Ingest:
     def __init__(self, socket: zmq.Socket, monitor: zmq.Socket | None, *, limits: Limits, adapter: InputAdapter,
                  queue: Callable[[list[Segment]], list[Admission]], queue_marker: Callable[[Marker], None],
                  emitter: Emitter, metrics: Metrics, deadline: DeadlineConfig, bundle_hash: Callable[[], str],
-                 status: Callable[[], dict[str, Any]], reject_interval: float, drain_s: float = 0.5,
+                 status: Callable[[], dict[str, Any]], reject_interval: float,
                  recorder: AcquisitionWriter | None = None) -> None:
-        super().__init__(name="flowsort-ingest", daemon=True)
         self.socket = socket
         self.monitor = monitor
         self.limits = limits
@@ -148,10 +147,8 @@ class Ingest(threading.Thread):
         self.reconfigure(deadline)
         self.bundle_hash = bundle_hash
         self.status = status
-        self.drain_s = drain_s
         self.hard_limit = socket.getsockopt(zmq.MAXMSGSIZE)
         self.recorder = recorder
-        self.stop_event = threading.Event()
         self._ratelog = RateLimitedLog(log, reject_interval)
         self._received = {t: metrics.messages_received.labels(t) for t in p.INGEST_TYPES}
         self._cells = metrics.cells_received
@@ -164,37 +161,27 @@ class Ingest(threading.Thread):
         self.budget_ns = int(deadline.budget_us * 1000)
         self.budget_from_capture = deadline.budget_from == "capture"
 
-    def stop(self) -> None:
-        self.stop_event.set()
+    def file_descriptors(self) -> list[int]:
+        """What to wait on for new messages: ZeroMQ's edge-triggered descriptors (check :meth:`has_input`
+        before sleeping on them)."""
+        sockets = [self.socket] if self.monitor is None else [self.socket, self.monitor]
+        return [s.getsockopt(zmq.FD) for s in sockets]
 
-    def run(self) -> None:
-        name_os_thread(INGEST)
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
+    def has_input(self) -> bool:
+        """Whether a message or a monitor event is waiting (also re-arms the descriptors)."""
+        if self.monitor is not None and self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._monitor_events()
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
         if self.monitor is not None:
-            poller.register(self.monitor, zmq.POLLIN)
-        try:
-            while not self.stop_event.is_set():
-                events = dict(poller.poll(100))
-                if self.monitor is not None and self.monitor in events:
-                    self._monitor_events()
-                if self.socket in events:
-                    self._read(BURST)
-            # Stopping: take in what has already arrived, then close.
-            end = time.monotonic() + self.drain_s
-            while time.monotonic() < end and self._read(BURST):
-                pass
-        except Exception:
-            log.exception("ingest thread failed")
-            raise
-        finally:
-            self.socket.close(linger=0)
-            if self.monitor is not None:
-                self.monitor.close(linger=0)
-            if self.recorder is not None:
-                self.recorder.close()
+            self.monitor.close(linger=0)
+        if self.recorder is not None:
+            self.recorder.close()
 
-    def _read(self, limit: int) -> int:
+    def read(self, limit: int) -> int:
+        """Read and handle up to ``limit`` waiting messages, admit their cells; how many were read."""
         socket = self.socket
         stages = self.metrics.stages
         clock = time.perf_counter_ns

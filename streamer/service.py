@@ -1,10 +1,11 @@
 """The streaming service: sockets, threads and lifecycle of `flowsort serve`.
 
-Threads (each owns its sockets; none waits on another's work):
+Threads:
 
-* ingest (:mod:`streamer.ingest`): PULL socket -> validation -> queue;
-* inference (:mod:`streamer.dispatcher`): queue -> batches -> engine -> policy;
-* emitter (:mod:`streamer.emitter`): decisions -> PUSH (sorter) and PUB (monitors);
+* the service loop (:mod:`streamer.loop`), owning every ZeroMQ socket and the engine:
+  PULL socket -> validation (:mod:`streamer.ingest`) -> queue -> batches -> engine ->
+  policy (:mod:`streamer.dispatcher`) -> decisions on PUSH (sorter) and PUB (monitors)
+  (:mod:`streamer.emitter`); the engine computes on threads of its own;
 * results, with ``--results`` (:mod:`streamer.results_thread`): sent decisions -> FCS files;
 * HTTP (:mod:`streamer.health`): /metrics, /healthz, /readyz;
 * ZAP authenticator with CURVE (:mod:`streamer.security`);
@@ -38,6 +39,7 @@ from streamer.emitter import Emitter
 from streamer.health import HealthServer
 from streamer.dispatcher import Dispatcher
 from streamer.ingest import Ingest, InputAdapter
+from streamer.loop import ServiceLoop, Waker
 from streamer.metrics import Metrics
 from streamer.model import EngineFactory, Model, build_model
 from streamer.recording import AcquisitionWriter
@@ -94,6 +96,8 @@ class Service:
         self.emitter: Emitter | None = None
         self.dispatcher: Dispatcher | None = None
         self.ingest: Ingest | None = None
+        self.loop: ServiceLoop | None = None
+        self.waker: Waker | None = None
         self.recorder: AcquisitionWriter | None = None
         self.results: ResultsWriter | None = None
         self.started = False
@@ -177,11 +181,12 @@ class Service:
             self.endpoints["results"] = self.results_path
 
         self.emitter = Emitter(outputs, self.metrics, self.worker, int(config.deadline.margin_us * 1000),
-                               config.batching.emit_queue_messages, results=self.results)
+                               results=self.results)
         batcher = Batcher.from_config(model.planner, config.batching)
+        waker = self.waker = Waker()
         self.dispatcher = Dispatcher(model, batcher, self.emitter, self.metrics,
                                      config.engine.max_consecutive_failures, config.logging.reject_interval_s,
-                                     results_embedding=self.results.embedding if self.results else None)
+                                     waker.wake, results_embedding=self.results.embedding if self.results else None)
         self.dispatcher.on_swap = self._swapped
         limits = config.ingest.limits()
         self.ingest = Ingest(
@@ -191,10 +196,9 @@ class Service:
             bundle_hash=lambda: self.model.bundle_hash, status=self.status,
             reject_interval=config.logging.reject_interval_s, recorder=self.recorder,
         )
-        self.recorder = None  # the ingest thread owns it now
-        self.emitter.start()
-        self.dispatcher.start()
-        self.ingest.start()
+        self.recorder = None  # the service loop owns it now
+        self.loop = ServiceLoop(self.ingest, self.dispatcher, self.emitter, waker)
+        self.loop.start()
 
     def _open(self, socket: zmq.Socket, name: str, endpoint: str, mode: str, server_key: str) -> str:
         key = load_public_key(server_key, self.config.base_dir) if server_key and self.curve else None
@@ -219,7 +223,7 @@ class Service:
     # ------------------------------------------------------------------ health
 
     def _threads(self) -> list[threading.Thread]:
-        return [t for t in (self.ingest, self.dispatcher, self.emitter) if t is not None]
+        return [t for t in (self.loop,) if t is not None]
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         if not self.started or self.stopping:
@@ -321,7 +325,7 @@ class Service:
             return True
 
     def _swapped(self, model: Model) -> None:
-        """Called by the inference thread once ``model`` runs."""
+        """Called by the service loop once ``model`` runs."""
         self.model = model
         self.ingest.adapter = InputAdapter(model.channels, model.input_size, self.metrics)
         self.metrics.set_engine(model.description)
@@ -336,20 +340,14 @@ class Service:
         if self._reload_thread is not None:
             self._reload_thread.join()
         timeout = self.config.service.drain_timeout_s
-        if self.ingest is not None:
-            self.ingest.stop()
-            self.ingest.join(timeout)
-        if self.dispatcher is not None:
+        if self.loop is not None:
             queued = self.dispatcher.queued()
-            self.dispatcher.drain()
-            self.dispatcher.join(timeout)
-            if self.dispatcher.is_alive():
+            self.loop.request_stop()
+            self.loop.join(timeout)
+            if self.loop.is_alive():
                 log.error("drain did not finish in %.0f s (%d cells were queued)", timeout, queued)
             else:
                 log.info("drained %d queued cells", queued)
-        if self.emitter is not None:
-            self.emitter.stop()
-            self.emitter.join(timeout)
         self._stop_results(timeout)
         self.close()
         received = self.metrics.registry.get_sample_value("flowsort_cells_received_total") or 0
@@ -376,6 +374,9 @@ class Service:
         if self.curve is not None:
             self.curve.stop()
             self.curve = None
+        if self.waker is not None and not (self.loop is not None and self.loop.is_alive()):
+            self.waker.close()
+            self.waker = None
         if self.model is not None:
             self.model.close()
         if self.health is not None:

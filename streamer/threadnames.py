@@ -11,8 +11,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
-INGEST, INFERENCE, EMITTER, RESULTS = "fs-ingest", "fs-inference", "fs-emitter", "fs-results"
-SERVICE_THREADS = (INGEST, INFERENCE, EMITTER, RESULTS)
+LOOP, RESULTS = "fs-loop", "fs-results"
+SERVICE_THREADS = (LOOP, RESULTS)
 _PR_SET_NAME = 15
 
 

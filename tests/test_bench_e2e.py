@@ -78,7 +78,7 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
     for level in runs:
         threads = level["streamer_threads_cores"]
         assert sum(threads.values()) == pytest.approx(level["streamer_cpu_core_fraction"], abs=0.02)
-    for name in ("fs-ingest", "fs-inference", "fs-emitter", "engine and other"):
+    for name in ("fs-loop", "engine and other"):
         assert sum(level["streamer_threads_cores"][name] for level in runs) > 0, name
     for level in result["levels"]:
         assert level["sustained"] == (level["dropped"] == 0 and not level["errors"] and level["missing"] == 0

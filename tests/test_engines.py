@@ -266,6 +266,35 @@ def test_submit_and_collect_pipeline_two_batches(bundle: Bundle, fresh_cells: np
             engine.collect()
 
 
+def test_openvino_reports_each_completion_and_is_done_when_it_does(bundle: Bundle, fresh_cells: np.ndarray) -> None:
+    """The service loop sleeps until the engine wakes it: every batch's end calls wake, on OpenVINO's thread, and
+    done() is already true then (the callback runs before OpenVINO marks the request finished)."""
+    import threading
+
+    with loaded(bundle, "openvino", "fp32") as engine:
+        expected = engine.infer(fresh_cells[:3]).probabilities.copy()
+        woken = threading.Semaphore(0)
+        seen_done = []
+
+        def wake() -> None:
+            seen_done.append(engine.done())
+            woken.release()
+
+        assert engine.notify(wake) and not loaded_torch_notifies(bundle)
+        for _ in range(3):
+            engine.submit(fresh_cells[:3])
+            assert woken.acquire(timeout=10)
+            assert engine.done()
+            np.testing.assert_allclose(engine.collect().probabilities, expected, atol=1e-6)
+        assert seen_done == [True, True, True]
+
+
+def loaded_torch_notifies(bundle: Bundle) -> bool:
+    """The torch engine computes in submit(): there is nothing to report, and it says so."""
+    with loaded(bundle, "torch", "fp32") as engine:
+        return engine.notify(lambda: None)
+
+
 def test_openvino_caches_compiled_models_in_the_cache_not_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     from engines.cache import KEY_FILE
 

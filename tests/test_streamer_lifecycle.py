@@ -183,3 +183,26 @@ def test_two_workers_share_one_instrument_stream(quick_bundle: Path, tmp_path: P
             worker.kill()
         instrument.close(linger=0)
         sorter.close()
+
+
+def test_a_tracer_waking_the_signal_wait_does_not_stop_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profiler attaching (py-spy, gdb) ends sigtimedwait with no signal (si_signo 0): nothing happens; a real
+    SIGTERM still stops and SIGHUP still reloads."""
+    from types import SimpleNamespace
+
+    from streamer.cli import serve
+
+    class Service:
+        stopped = reloaded = 0
+
+        def request_stop(self) -> None:
+            self.stopped += 1
+
+        def request_reload(self) -> None:
+            self.reloaded += 1
+
+    service = Service()
+    for signo in (0, signal.SIGHUP, signal.SIGTERM):
+        monkeypatch.setattr(signal, "sigtimedwait", lambda signals, timeout, signo=signo: SimpleNamespace(si_signo=signo))
+        serve.take_signal(service, 0.01)
+    assert (service.stopped, service.reloaded) == (1, 1)

@@ -167,6 +167,14 @@ def test_config_errors_name_the_key(data, message) -> None:
         parse_config(data, "s.toml")
 
 
+def test_a_retired_key_is_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A key an earlier version read (the emitter thread's queue) must not stop an upgraded service."""
+    with caplog.at_level("WARNING"):
+        config = parse_config({"batching": {"emit_queue_messages": 4096, "max_delay_us": 300.0}}, "s.toml")
+    assert config.batching.max_delay_us == 300.0
+    assert "[batching] emit_queue_messages is no longer used" in caplog.text and "s.toml" in caplog.text
+
+
 def test_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")

@@ -7,10 +7,11 @@ and looks at metric deltas); overload runs on a second one with a tiny queue.
 from __future__ import annotations
 
 import itertools
-import threading
 import math
+import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -197,19 +198,17 @@ def test_emitter_marks_late_at_send_time() -> None:
         pull.connect(f"tcp://127.0.0.1:{port}")
         push.send(b"probe")  # blocks until the consumer is connected, so the emitter's NOBLOCK send finds it
         assert pull.recv() == b"probe"
-        emitter = Emitter({"push": push}, Metrics(), "w", margin_ns=0, capacity=10)
+        emitter = Emitter({"push": push}, Metrics(), "w", margin_ns=0)
         policy = Policy(("A", "B"), make_config(gates=[{"name": "a", "classes": ["A"], "min_probability": 0.1}]).gates, 5.0)
         columns = policy.decide(np.array([[0.9, 0.1], [0.9, 0.1]], np.float32), np.zeros(2, np.float32))
         now = time.perf_counter_ns()
         deadlines = np.array([now - 1, now + 10**10], np.int64)
-        emitter.start()
         emitter.post(DecisionBlock("acq", np.array([1, 2], np.uint64), now, deadlines, "h", policy, columns))
         assert pull.poll(5000)
         decisions = codec.decode_output(pull.recv_multipart())
         assert list(decisions.late) == [True, False] and decisions.gate == ["", "a"]
         assert list(decisions.stream) == [0, 1]
-        emitter.stop()
-        emitter.join(5)
+        emitter.close()
     finally:
         context.destroy(linger=0)
 
@@ -428,7 +427,7 @@ def test_an_unexpected_error_costs_one_batch_not_the_service(served: Harness, ce
     served.sender.cells("acq-bug", ids, cells[:3], CHANNELS)
     assert served.push.wait_for(ids, 20)
     assert {served.push.rows[int(e)]["error"] for e in ids} == {""}
-    assert served.service.dispatcher.is_alive()
+    assert served.service.loop.is_alive()
 
 
 def test_health_endpoints(served: Harness) -> None:
@@ -476,9 +475,10 @@ def test_overload_drop_oldest_answers_every_cell(overloaded: Harness, cells: np.
 
 
 def test_overload_refuse(overloaded: Harness, cells: np.ndarray) -> None:
-    dispatcher = overloaded.service.dispatcher
-    with dispatcher.cond:
-        dispatcher.batcher.overload = "refuse"
+    service = overloaded.service
+    batching = service.config.batching
+    failures = service.config.engine.max_consecutive_failures
+    service.dispatcher.reconfigure(replace(batching, overload="refuse"), failures)  # as a reload does
     try:
         ids = blast(overloaded, cells, 30)
         assert overloaded.push.wait_for(ids, 60)
@@ -490,8 +490,7 @@ def test_overload_refuse(overloaded: Harness, cells: np.ndarray) -> None:
             block = {overloaded.push.rows[int(e)]["error"] for e in ids[64 * k:64 * (k + 1)]}
             assert len(block) == 1
     finally:
-        with dispatcher.cond:
-            dispatcher.batcher.overload = "drop_oldest"
+        service.dispatcher.reconfigure(batching, failures)
 
 
 def test_absent_or_slow_consumer_never_stalls_inference(quick_bundle: Path, cells: np.ndarray) -> None:

@@ -8,6 +8,10 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streamer.service import Service
 
 log = logging.getLogger("streamer.serve")
 SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -36,6 +40,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def take_signal(service: Service, timeout: float) -> None:
+    """Wait up to ``timeout`` for SIGINT/SIGTERM (stop) or SIGHUP (reload), blocked and taken synchronously."""
+    received = signal.sigtimedwait(SIGNALS, timeout)
+    # A tracer attaching (py-spy, gdb) wakes the wait with no signal: si_signo 0.
+    if received is None or received.si_signo not in SIGNALS:
+        return
+    if received.si_signo == signal.SIGHUP:
+        log.info("SIGHUP: reloading the config and the bundle")
+        service.request_reload()
+    else:
+        log.info("%s: draining and stopping", signal.Signals(received.si_signo).name)
+        service.request_stop()
+
+
 def run(args: argparse.Namespace) -> int:
     from streamer.config import load_config
     from streamer.service import Service
@@ -52,23 +70,12 @@ def run(args: argparse.Namespace) -> int:
     # would otherwise turn the next SIGTERM into a SIGSEGV). A SIGTERM during start-up waits its turn.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
-    def wait(timeout: float) -> None:
-        received = signal.sigtimedwait(SIGNALS, timeout)
-        if received is None:
-            return
-        if received.si_signo == signal.SIGHUP:
-            log.info("SIGHUP: reloading the config and the bundle")
-            service.request_reload()
-        else:
-            log.info("%s: draining and stopping", signal.Signals(received.si_signo).name)
-            service.request_stop()
-
-    # Threads hand the GIL over sooner: a cell waiting behind another thread's burst waits less.
+    # The GIL is handed over sooner: the engine's completion callback waits less for the busy service loop.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     try:
         service.start()
-        return service.run_forever(wait)
+        return service.run_forever(lambda timeout: take_signal(service, timeout))
     finally:
         service.stop()
         sys.setswitchinterval(interval)
