@@ -180,8 +180,9 @@ class Ingest:
         if self.recorder is not None:
             self.recorder.close()
 
-    def read(self, limit: int) -> int:
-        """Read and handle up to ``limit`` waiting messages, admit their cells; how many were read."""
+    def read(self, limit: int, every: int = 0, interrupted: Callable[[], bool] | None = None) -> int:
+        """Read and handle up to ``limit`` waiting messages, admit their cells; how many were read.
+        ``interrupted``, asked after each ``every`` messages, ends the burst early."""
         socket = self.socket
         stages = self.metrics.stages
         clock = time.perf_counter_ns
@@ -202,6 +203,8 @@ class Ingest:
                     self.handle(frames)
                 except Exception:  # bad input must never end the service
                     log.exception("unexpected error handling an ingest message")
+                if interrupted is not None and count % every == 0 and interrupted():
+                    break
                 if self._pending and (len(self._pending) >= ADMIT_MESSAGES
                                       or clock() - self._pending_since >= ADMIT_AFTER_NS):
                     self._admit()
