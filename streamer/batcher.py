@@ -232,7 +232,7 @@ class Batcher:
         self.markers = 0
         self.draining = False
         self.lead_ns = LEAD_NS
-        self.engine_free_ns = 0  # when the engine can start another batch (set by the inference thread)
+        self.engine_free_ns = 0  # when the engine can start another batch (set by the dispatcher)
         self._head_deadline: int | None = None  # min deadline over the next batch's cells (cache)
 
     @classmethod

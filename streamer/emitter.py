@@ -190,7 +190,7 @@ class Emitter:
         """Hand the block, as sent, to the FCS writer: events where classified, a count where not."""
         if block.columns is None:
             self.results.unclassified(block.acquisition, block.error, len(block.event_ids))
-        elif block.probabilities is None:  # cannot happen with --results: the inference thread copies them
+        elif block.probabilities is None:  # cannot happen with --results: the dispatcher copies them
             self._ratelog.log(logging.ERROR, "results", "decisions without engine outputs: not in the FCS results")
             self.metrics.results_dropped.inc(len(block.event_ids))
         else:

@@ -7,9 +7,8 @@ Per message it does little: decode the header, view the pixel frame in
 place, check it against the model (channels, dtype, size). Messages read back
 to back are admitted to the queue together, once per burst: small ones are
 merged into one :class:`~streamer.batcher.Segment` (their per-cell times
-computed in one go), one lock is taken and the inference thread is woken at
-most once, so a flood of one-cell messages costs little more than their
-decoding. Each cell's latency starts at its capture (``capture_ns``, receipt
+computed in one go) and admitted in one call, so a flood of one-cell messages
+costs little more than their decoding. Each cell's latency starts at its capture (``capture_ns``, receipt
 where that is later) and the wait before receipt is measured.
 
 Cells it cannot use are answered at once with error decisions carrying their
@@ -44,8 +43,8 @@ from streamer.ratelog import RateLimitedLog, describe_ids
 from streamer.recording import AcquisitionWriter
 
 log = logging.getLogger(__name__)
-# Cells messages read back to back are admitted to the queue together (one lock, one wake-up of the inference
-# thread) once this many are pending or this long after the first, or when the socket has nothing more.
+# Cells messages read back to back are admitted to the queue together (one admission call) once this many are
+# pending or this long after the first, or when the socket has nothing more.
 ADMIT_MESSAGES, ADMIT_AFTER_NS = 64, 200_000
 MERGE_CELLS = 8  # messages of up to this many cells are merged into one segment per burst (copied once)
 MAX_DEADLINE = 1 << 62

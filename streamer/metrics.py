@@ -68,15 +68,15 @@ class VectorHistogram:
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
-# The service path, stage by stage: which thread runs it, and what one call covers.
+# The service path, stage by stage (all on the service loop): which part runs it, and what one call covers.
 STAGES = {
     "receive": "ingest: reading a message's frames off the socket",
     "decode": "ingest: decoding and validating a message",
     "admit": "ingest: channel order, dtype and size; deadlines; admission to the queue",
-    "queue_wait": "inference: receipt to the start of the cell's batch (per cell)",
-    "batch": "inference: forming a batch and gathering its cells",
-    "engine": "inference: waiting for the engine's result (computing overlaps the other stages)",
-    "policy": "inference: calibration re-weighting, labels, gates and decision blocks",
+    "queue_wait": "dispatch: receipt to the start of the cell's batch (per cell)",
+    "batch": "dispatch: forming a batch and gathering its cells",
+    "engine": "dispatch: collecting the engine's result (the engine computes on its own threads meanwhile)",
+    "policy": "dispatch: calibration re-weighting, labels, gates and decision blocks",
     "emit": "emitter: lateness, encoding and sending a decision message",
 }
 
@@ -85,8 +85,8 @@ class StageClock:
     """Time spent in each stage of the service path, as ``flowsort_stage_seconds_total{stage}`` and
     ``flowsort_stage_calls_total{stage}``: where a cell's time goes, and what one message costs.
 
-    Each stage is timed by one thread only, with two integer additions per call, so it can stay on in
-    production; a scrape reads the running sums.
+    Each stage is timed by the service loop only, with two integer additions per call, so it can stay on
+    in production; a scrape reads the running sums.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:

@@ -91,7 +91,7 @@ def profile(engine: Engine, cells: np.ndarray, sizes: tuple[int, ...], runs: int
         for _ in range(max(7, runs)):  # a median of several: one preempted call must not set the plan
             start = time.perf_counter_ns()
             engine.infer(batch)
-            laps.append(engine.last_run_ns or time.perf_counter_ns() - start)  # as the inference thread learns it
+            laps.append(engine.last_run_ns or time.perf_counter_ns() - start)  # as the service loop learns it
         costs[size] = float(statistics.median(laps))
     return costs
 
