@@ -27,7 +27,9 @@ batch is due and which cells it holds:
   comes back ``expired`` at once, and one that the work already queued and
   running would make miss its deadline comes back ``refused`` (answered before
   its deadline, never run), so under overload the engine spends its time on
-  cells it can still decide in time and nothing waits only to expire;
+  cells it can still decide in time and nothing waits only to expire; the plan
+  allows for batches running longer than the planner expects by how much they
+  did while serving (:meth:`Batcher.observe_overrun`);
 * the queue is bounded in cells: when full, ``drop_oldest`` evicts the oldest
   cells to make room and ``refuse`` turns the new segment away; either way the
   caller gets the cells back to answer them.
@@ -51,7 +53,13 @@ COST_RANGE = (0.5, 3.0)  # learned engine times stay within these multiples of t
 RESOLVE_EVERY = 64  # measurements between two re-plans
 BATCHING_GAIN = 0.9  # a bigger batch must cost at most this share per cell to be worth waiting for
 LEAD_NS = 100_000  # a batch for a busy engine is formed this long before the engine should be free
-ADMISSION_SAFETY = 1.15  # admission plans with engine times this much longer than measured
+# Admission plans with engine times this much longer than the planner's: at least ADMISSION_SAFETY, and as much
+# as the 95th percentile of how far batches overran the planner while serving (up to SAFETY_MAX). Under overload
+# admission keeps the queue at the edge of the deadline, so a plan that is right on average leaves half of the
+# admitted cells late; on two cores shared with the instrument, batch times vary by 2x (docs/benchmarks.md).
+ADMISSION_SAFETY = 1.15
+SAFETY_MAX = 3.0
+SAFETY_QUANTILE, SAFETY_STEP = 0.95, 0.02
 
 
 class Planner:
@@ -233,6 +241,7 @@ class Batcher:
         self.draining = False
         self.lead_ns = LEAD_NS
         self.engine_free_ns = 0  # when the engine can start another batch (set by the dispatcher)
+        self.safety = ADMISSION_SAFETY  # see ADMISSION_SAFETY
         self._head_deadline: int | None = None  # min deadline over the next batch's cells (cache)
 
     @classmethod
@@ -290,7 +299,13 @@ class Batcher:
         # engine times vary, and sending takes a little: admit only what fits with a margin.
         last = planner.cost(planner.pad_size(cells)) * (1 - 1 / planner.parallel)
         ahead = self.queued + np.arange(1, cells + 1) if each else self.queued + cells
-        return start + ADMISSION_SAFETY * (planner.drain_ns(ahead) + last) + self.lead_ns
+        return start + self.safety * (planner.drain_ns(ahead) + last) + self.lead_ns
+
+    def observe_overrun(self, ratio: float) -> None:
+        """Fold in one batch's time over the planner's estimate for it: ``safety`` follows its 95th
+        percentile (a stochastic quantile estimate: up by 0.95 steps when exceeded, down by 0.05 otherwise)."""
+        step = SAFETY_STEP * (SAFETY_QUANTILE if ratio > self.safety else SAFETY_QUANTILE - 1)
+        self.safety = min(SAFETY_MAX, max(ADMISSION_SAFETY, self.safety + step))
 
     def _shed(self, segment: Segment, now: int) -> Admission:
         """Which of the segment's cells cannot make their deadline: already expired, or behind the queue."""

@@ -348,6 +348,7 @@ class Dispatcher:
         elapsed = end - max(flight.submitted_ns, ahead)
         self._ends.append(end)
         if self.batcher.planner is model.planner:
+            self.batcher.observe_overrun(elapsed / model.planner.cost(batch.size))  # before it learns this one
             model.planner.observe(batch.size, elapsed)
         self.metrics.engine_time.observe(elapsed / 1e9)
         self.metrics.batch_size.observe(batch.cells)

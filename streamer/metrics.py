@@ -154,6 +154,9 @@ class Metrics:
                                        "failed)", registry=r)
         self.queue_depth = Gauge("flowsort_queue_depth", "Cells waiting for the engine", registry=r)
         self.queue_capacity = Gauge("flowsort_queue_capacity", "Capacity of the ingest queue, cells", registry=r)
+        self.admission_safety = Gauge("flowsort_admission_safety",
+                                      "Factor admission applies to planned engine times (95th percentile overrun)",
+                                      registry=r)
         self.ready = Gauge("flowsort_ready", "1 when the engine is warm and sockets bound", registry=r)
         self.engine_info = Info("flowsort_engine", "The engine in use", registry=r)
         self.latency = VectorHistogram("flowsort_decision_latency_seconds",

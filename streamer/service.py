@@ -128,6 +128,7 @@ class Service:
         self.started = True
         self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.metrics.queue_depth.set_function(self.dispatcher.queued)
+        self.metrics.admission_safety.set_function(lambda: self.dispatcher.batcher.safety)
         self._write_ready_file()
         log.info("worker %s serving %s: ingest %s (%s), push %s, pub %s, health %s", self.worker, self.bundle_path,
                  self.endpoints["ingest"], config.ingest.mode, self.endpoints.get("push", "off"),

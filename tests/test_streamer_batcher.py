@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.batcher import ADMISSION_SAFETY, LEAD_NS, NEVER, Batcher, Marker, Planner, Segment
+from streamer.batcher import ADMISSION_SAFETY, LEAD_NS, NEVER, SAFETY_MAX, Batcher, Marker, Planner, Segment
 
 US = 1_000
 MS = 1_000_000
@@ -238,6 +238,28 @@ def test_admission_answers_at_once_the_cells_that_cannot_make_their_deadline() -
     # ... one due in 5 ms can, and cells without a deadline are never shed.
     assert b.admit(segment(31, 1, arrival=0, deadline=5 * MS), 0).queued
     assert b.admit(segment(32, 50, arrival=0), 0).queued and len(b) == 54
+
+
+def test_admission_allows_for_how_far_batches_overran_the_plan() -> None:
+    """Batches that ran longer than planned (a machine whose cores the engine shares) make admission plan with the
+    95th percentile of the overrun: a cell the plan alone would admit is refused, and the margin never falls below
+    ADMISSION_SAFETY nor rises above SAFETY_MAX."""
+    costs = {1: 400 * US, 2: 760 * US, 4: 1400 * US, 8: 2600 * US}
+    b = batcher(costs=costs, capacity=1000)
+    for _ in range(500):
+        b.observe_overrun(0.8)
+    assert b.safety == ADMISSION_SAFETY
+    assert b.admit(segment(0, 1, arrival=0, deadline=600 * US), 0).queued  # 1.15 x 400 us + 0.1 ms fits
+    b = batcher(costs=costs, capacity=1000)
+    rng = np.random.default_rng(0)
+    for ratio in rng.uniform(1.0, 2.0, 5000):  # batches took 1-2x their plan: the 95th percentile is 1.95
+        b.observe_overrun(float(ratio))
+    assert b.safety == pytest.approx(1.95, abs=0.08)
+    assert b.finish_estimates(1, 0)[0] == pytest.approx(b.safety * 400 * US + LEAD_NS)
+    assert ids_in(b.admit(segment(0, 1, arrival=0, deadline=600 * US), 0).shed) == [0]
+    for _ in range(500):
+        b.observe_overrun(50.0)
+    assert b.safety == SAFETY_MAX
 
 
 def test_parallel_engine_drains_the_queue_faster_but_each_batch_takes_its_time() -> None:
