@@ -375,11 +375,12 @@ class Service:
         if self.curve is not None:
             self.curve.stop()
             self.curve = None
+        if self.model is not None:
+            self.model.close()
+        # After the engine: a completion callback must never write to a closed (or reused) descriptor.
         if self.waker is not None and not (self.loop is not None and self.loop.is_alive()):
             self.waker.close()
             self.waker = None
-        if self.model is not None:
-            self.model.close()
         if self.health is not None:
             self.health.stop()
             self.health = None
