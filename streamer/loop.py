@@ -41,6 +41,11 @@ CHUNK = 8  # messages between two looks at whether the engine has reported a com
 IDLE_S = 0.5  # the longest sleep with nothing due (a wake-up always ends it sooner)
 
 
+def sleep_until(due: int | None) -> float:
+    """Seconds to sleep until ``due`` (the dispatcher's next time, ns on the perf counter; None: nothing due)."""
+    return IDLE_S if due is None else min(IDLE_S, max(0.0, (due - time.perf_counter_ns()) / 1e9))
+
+
 class Waker:
     """A pipe that wakes the loop: any thread (or the engine's completion callback) writes a byte."""
 
@@ -114,7 +119,7 @@ class ServiceLoop(threading.Thread):
             due = dispatcher.step()
             if read == BURST or ingest.has_input():
                 continue  # more is waiting: no sleep
-            timeout = IDLE_S if due is None else min(IDLE_S, max(0.0, (due - time.perf_counter_ns()) / 1e9))
+            timeout = sleep_until(due)
             if timeout > 0:
                 select.select(descriptors, [], [], timeout)
                 self.waker.clear()
@@ -139,7 +144,7 @@ class ServiceLoop(threading.Thread):
             due = dispatcher.step()
             if dispatcher.drained:
                 break
-            timeout = IDLE_S if due is None else min(IDLE_S, max(0.0, (due - time.perf_counter_ns()) / 1e9))
+            timeout = sleep_until(due)
             if timeout > 0:
                 select.select([self.waker.fileno()], [], [], timeout)
                 self.waker.clear()
