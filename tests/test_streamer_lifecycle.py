@@ -79,6 +79,48 @@ def test_sigterm_drains_every_queued_cell_and_records(quick_bundle: Path, tmp_pa
     assert [int(m.event_ids[0]) for m in recorded[1:]] == ids
 
 
+TGKILL = {"x86_64": 234, "aarch64": 131}  # the syscall's number: Python has no tgkill
+
+
+def test_sigterm_on_a_thread_that_does_not_block_it_still_drains(quick_bundle: Path, tmp_path: Path) -> None:
+    """A thread started before `flowsort serve` blocks its signals (numpy's BLAS pool starts one at import) may be
+    handed the SIGTERM: the service must still drain and exit cleanly, not die of the signal's default action."""
+    import ctypes
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in TGKILL or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's tgkill and /proc")
+    config = write_toml(tmp_path / "s.toml", config_dict(pub={"endpoint": ""}))
+    ready, log = tmp_path / "ready.json", tmp_path / "serve.log"
+    early = ("import sys, threading, time; threading.Thread(target=time.sleep, args=(600,), daemon=True).start(); "
+             "from flowsort.cli import main; sys.exit(main(sys.argv[1:]))")
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-c", early, "serve", str(quick_bundle), "--config", str(config),
+                                    "--ready-file", str(ready)], stdout=output, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < end and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert json.loads(ready.read_text())["pid"] == process.pid
+        term = 1 << (signal.SIGTERM - 1)
+        open_to_it = [int(task.name) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                      if int(task.name) != process.pid and not term & int(next(
+                          line.split()[1] for line in (task / "status").read_text().splitlines()
+                          if line.startswith("SigBlk")), 16)]
+        assert open_to_it, "the thread started before serve should not block SIGTERM"
+        assert ctypes.CDLL(None).syscall(TGKILL[platform.machine()], process.pid, open_to_it[0], signal.SIGTERM) == 0
+        assert process.wait(30) == 0, log.read_text()
+        assert "SIGTERM: draining and stopping" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_sighup_swaps_config_and_engine_without_dropping_a_cell(quick_bundle: Path, tmp_path: Path,
                                                                cells: np.ndarray) -> None:
     every_cell = {"name": "all", "classes": ALL, "min_probability": 0.0, "exclude_dead": False, "stream": 3}

@@ -46,11 +46,15 @@ def take_signal(service: Service, timeout: float) -> None:
     # A tracer attaching (py-spy, gdb) wakes the wait with no signal: si_signo 0.
     if received is None or received.si_signo not in SIGNALS:
         return
-    if received.si_signo == signal.SIGHUP:
+    act(service, received.si_signo)
+
+
+def act(service: Service, signo: int) -> None:
+    if signo == signal.SIGHUP:
         log.info("SIGHUP: reloading the config and the bundle")
         service.request_reload()
     else:
-        log.info("%s: draining and stopping", signal.Signals(received.si_signo).name)
+        log.info("%s: draining and stopping", signal.Signals(signo).name)
         service.request_stop()
 
 
@@ -63,12 +67,17 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, service=replace(config.service, worker=args.worker))
     service = Service(args.bundle, config, config_path=args.config, insecure=args.insecure, record=args.record,
                       ready_file=args.ready_file, results=args.results)
-    # Signals are taken synchronously, never delivered to a handler: blocked here, before any thread exists
-    # (every thread inherits the mask), and picked up by sigtimedwait in the main loop. Besides being simple,
+    # Signals are taken synchronously: blocked here, before the service starts a thread (every thread started
+    # from now on inherits the mask), and picked up by sigtimedwait in the main loop. Besides being simple,
     # this survives libraries that leave a thread with a dangling alternate signal stack (OpenVINO's CPU
     # plugin registers one on the thread that creates it and frees it when the plugin goes away: a reload
     # would otherwise turn the next SIGTERM into a SIGSEGV). A SIGTERM during start-up waits its turn.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    # Threads that imports started before this point (numpy's BLAS pool) do not block them, and the kernel may
+    # hand them a signal while the main thread is between two waits: without a handler that would end the
+    # process unannounced, queued cells and all. They get a handler (run on such a thread, never on one that
+    # OpenVINO gave an alternate stack), which asks for the same as the synchronous wait.
+    handlers = {signo: signal.signal(signo, lambda signo, _frame: act(service, signo)) for signo in SIGNALS}
 
     # The GIL is handed over sooner: the engine's completion callback waits less for the busy service loop.
     interval = sys.getswitchinterval()
@@ -81,4 +90,6 @@ def run(args: argparse.Namespace) -> int:
         sys.setswitchinterval(interval)
         while signal.sigtimedwait(SIGNALS, 0) is not None:  # consume what arrived during the stop
             pass
+        for signo, handler in handlers.items():
+            signal.signal(signo, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
