@@ -136,7 +136,6 @@ class Dispatcher:
     def step(self) -> int | None:
         """Collect the batches that ended, start those that are due; when to be called again at the latest
         (service clock, ns; None: only when woken or when cells arrive)."""
-        self.take_handover()
         while True:
             now = time.perf_counter_ns()
             due = None

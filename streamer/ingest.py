@@ -8,8 +8,9 @@ place, check it against the model (channels, dtype, size). Messages read back
 to back are admitted to the queue together, once per burst: small ones are
 merged into one :class:`~streamer.batcher.Segment` (their per-cell times
 computed in one go) and admitted in one call, so a flood of one-cell messages
-costs little more than their decoding. Each cell's latency starts at its capture (``capture_ns``, receipt
-where that is later) and the wait before receipt is measured.
+costs little more than their decoding. Each cell's latency starts at its
+capture (``capture_ns``, receipt where that is later) and the wait before
+receipt is measured.
 
 Cells it cannot use are answered at once with error decisions carrying their
 event ids (where the message let them be read), counted per reason and logged

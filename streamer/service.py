@@ -224,7 +224,7 @@ class Service:
     # ------------------------------------------------------------------ health
 
     def _threads(self) -> list[threading.Thread]:
-        return [t for t in (self.loop,) if t is not None]
+        return [self.loop] if self.loop is not None else []
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         if not self.started or self.stopping:
