@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from bench.scoring import GateSpec, gate_index, true_classes
-from bench.traffic import Collector, PacedSender, Plan
+from bench.traffic import Chunk, Collector, PacedSender, Plan
 
 WINDOW_S = 2.0
 LINE_EVERY_S = 5.0
@@ -41,7 +41,8 @@ class LiveView:
         self.correct = np.zeros(len(self.gates), np.int64)
         self.judged = np.zeros(len(self.gates), np.int64)
         self.targets_decided = np.zeros(len(self.gates), np.int64)
-        self.recent: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self.recent_s = np.zeros(0)  # arrival (s, CLOCK_REALTIME) and latency (ms) of the last WINDOW_S seconds' cells
+        self.recent_latency = np.zeros(0)
         self.all_latency: list[np.ndarray] = []
         self.t0_wall_ns = 0
         self._order = np.argsort(plan.event_ids, kind="stable")
@@ -62,46 +63,57 @@ class LiveView:
         return self._truth_class is not None
 
     def update(self, t0_wall_ns: int) -> None:
+        """Fold the chunks that arrived since the last call into the counts.
+
+        Vectorized over all new chunks at once: this runs in the process (and under the GIL) that
+        paces the simulated instrument, and a per-chunk loop over thousands of one-cell chunks held
+        the GIL long enough to delay the sender by hundreds of milliseconds.
+        """
         self.t0_wall_ns = t0_wall_ns
         chunks = self.collector.chunks
         end = len(chunks)
-        capture = self.plan.capture_offset_ns
-        for chunk in chunks[self.next:end]:
-            if chunk.acquisition not in self.acquisitions:
-                continue
-            n = len(chunk.event_ids)
-            self.decided += n
-            self.late += int(chunk.late.sum())
-            errors = chunk.error != 0  # code 0 is ""
-            self.errors += int(errors.sum())
-            self.dead += int(chunk.dead.sum())
-            for code, count in zip(*np.unique(chunk.label, return_counts=True)):
-                self.labels[self.collector.labels.names[code]] += int(count)
-            position = np.minimum(np.searchsorted(self._sorted_ids, chunk.event_ids), len(self._sorted_ids) - 1)
-            cells = self._order[position]
-            if capture is not None:
-                latency = (chunk.received_ns - (capture[cells] + t0_wall_ns)) / 1e6
-                self.recent.append((chunk.received_ns / 1e9, latency))
-                self.all_latency.append(latency)
-            if self.gates:
-                into = gate_index(chunk.gate, self.collector.gates.names, self.gates)
-                for j in range(len(self.gates)):
-                    chosen = into == j
-                    self.sorted[j] += int(chosen.sum())
-                    if self._truth_class is not None:
-                        self.correct[j] += int((chosen & self._members[j][cells]).sum())
-                        self.judged[j] += int((chosen & self._known[cells]).sum())
-                        self.targets_decided[j] += int(self._members[j][cells].sum())
+        new = [chunk for chunk in chunks[self.next:end] if chunk.acquisition in self.acquisitions]
         self.next = end
-        horizon = time.time() - WINDOW_S
-        while self.recent and self.recent[0][0] < horizon:
-            self.recent.popleft()
+        if new:
+            self._fold(new, t0_wall_ns)
+        keep = self.recent_s >= time.time() - WINDOW_S
+        self.recent_s, self.recent_latency = self.recent_s[keep], self.recent_latency[keep]
+
+    def _fold(self, chunks: list[Chunk], t0_wall_ns: int) -> None:
+        event_ids = np.concatenate([chunk.event_ids for chunk in chunks])
+        self.decided += len(event_ids)
+        self.late += int(np.concatenate([chunk.late for chunk in chunks]).sum())
+        self.errors += int(np.count_nonzero(np.concatenate([chunk.error for chunk in chunks])))  # code 0 is ""
+        self.dead += int(np.concatenate([chunk.dead for chunk in chunks]).sum())
+        label = np.concatenate([chunk.label for chunk in chunks])
+        for code, count in enumerate(np.bincount(label.astype(np.int64))):
+            if count:
+                self.labels[self.collector.labels.names[code]] += int(count)
+        position = np.minimum(np.searchsorted(self._sorted_ids, event_ids), len(self._sorted_ids) - 1)
+        cells = self._order[position]
+        capture = self.plan.capture_offset_ns
+        if capture is not None:
+            received_ns = np.repeat(np.array([chunk.received_ns for chunk in chunks], np.int64),
+                                    [len(chunk.event_ids) for chunk in chunks])
+            latency = (received_ns - (capture[cells] + t0_wall_ns)) / 1e6
+            self.recent_s = np.concatenate([self.recent_s, received_ns / 1e9])
+            self.recent_latency = np.concatenate([self.recent_latency, latency])
+            self.all_latency.append(latency)
+        if self.gates:
+            into = gate_index(np.concatenate([chunk.gate for chunk in chunks]), self.collector.gates.names, self.gates)
+            for j in range(len(self.gates)):
+                chosen = into == j
+                self.sorted[j] += int(chosen.sum())
+                if self._truth_class is not None:
+                    self.correct[j] += int((chosen & self._members[j][cells]).sum())
+                    self.judged[j] += int((chosen & self._known[cells]).sum())
+                    self.targets_decided[j] += int(self._members[j][cells].sum())
 
     def snapshot(self, sender: PacedSender, elapsed: float) -> dict[str, Any]:
-        recent = np.concatenate([values for _, values in self.recent]) if self.recent else np.zeros(0)
-        if self.recent:
-            span = max(time.time() - self.recent[0][0], 0.25)
-            decided_rate = len(recent) / min(span, WINDOW_S) if span else 0.0
+        recent = self.recent_latency
+        if len(recent):
+            span = max(time.time() - float(self.recent_s[0]), 0.25)
+            decided_rate = len(recent) / min(span, WINDOW_S)
         else:
             decided_rate = 0.0
         start = self.plan.start
