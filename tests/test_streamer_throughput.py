@@ -128,8 +128,11 @@ def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: 
     try:
         ids = np.arange(1, 401, dtype=np.uint64)
         deadline = time.time_ns() + 200_000_000  # 200 ms: about 17 batches of 8 fit with the margin, 400 cells do not
+        captured = {}
         for i in ids:
-            sender.cells("flood", [i], cells[int(i) % len(cells)], CHANNELS, deadline_ns=deadline)
+            captured[int(i)] = time.time_ns()
+            sender.cells("flood", [i], cells[int(i) % len(cells)], CHANNELS, capture_ns=[captured[int(i)]],
+                         deadline_ns=deadline)
         assert receiver.wait_for(ids.tolist(), 20)
         rows = [receiver.rows[int(i)] for i in ids]
         refused = [r for r in rows if r["error"] == Reason.OVERLOAD_REFUSED]
@@ -140,11 +143,13 @@ def test_overload_is_shed_at_the_door_and_no_cell_is_decided_late(quick_bundle: 
         # refused at the door; on a loaded machine a share of the admitted cells expires in the queue instead
         # (answered late, never run: seen 195 refused and 101 expired in one CI run).
         assert len(decided) >= 20 and len(refused) >= 100 and len(decided) <= 300, (len(decided), len(refused))
-        late = [r for r in decided if r["late"]]
-        # Admission plans with a margin; on a busy machine a thread woken late can still make a few cells late,
-        # and those are never sorted.
-        assert len(late) <= 0.05 * len(decided), [r["latency_us"] for r in late]
-        assert not any(r["stream"] for r in late) and not any(r["stream"] for r in refused)
+        late = {i: r for i, r in zip(ids.tolist(), rows) if r["error"] == "" and r["late"]}
+        # Admission plans with a margin; on a busy machine a thread woken late can still make the batches running
+        # at the deadline late (never sorted): seen 2 batches 53 ms late with both cores taken by other work.
+        # Without admission about 250 of the cells would be decided late, by up to 300 ms.
+        overdue_ms = [(captured[i] + 1000 * r["latency_us"] - deadline) / 1e6 for i, r in late.items()]
+        assert len(late) <= 4 * 8 and max(overdue_ms, default=0) < 10 * BATCH_S * 1000, overdue_ms
+        assert not any(r["stream"] for r in late.values()) and not any(r["stream"] for r in refused)
         scraped = metrics(service.endpoints["health"])
         assert scraped[f'flowsort_cells_rejected_total{{reason="{Reason.OVERLOAD_REFUSED}"}}'] == len(refused)
         assert scraped.get("flowsort_cells_late_total", 0) == sum(r["late"] for r in rows)
