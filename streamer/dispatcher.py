@@ -363,6 +363,7 @@ class Dispatcher:
         if self.results_embedding is not None:  # copies: the engine reuses these buffers two batches on
             probabilities = adjusted.copy()
             embedding = outputs.embedding[:n, :self.results_embedding].copy()
+        blocks = []
         for acquisition, span in acquisition_spans(flight):
             part = columns if span.stop - span.start == n else type(columns)(*(c[span] for c in columns))
             block = DecisionBlock(acquisition, flight.event_ids[span], flight.origins[span], flight.deadlines[span],
@@ -371,9 +372,11 @@ class Dispatcher:
                 block.capture_ns = flight.capture_ns[span]
                 block.probabilities = probabilities[span]
                 block.embedding = embedding[span]
+            blocks.append(block)
+        self.metrics.stages.add("policy", time.perf_counter_ns() - done)  # sending is the emitter's stage
+        for block in blocks:
             self.emitter.post(block)
         self._pass_markers(batch)
-        self.metrics.stages.add("policy", time.perf_counter_ns() - done)
 
     def _pass_markers(self, batch: Batch) -> None:
         for marker in batch.markers:

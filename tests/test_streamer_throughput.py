@@ -176,6 +176,32 @@ def test_latency_starts_at_capture_and_the_wait_before_receipt_is_measured(quick
         stop(service, sender, receiver)
 
 
+def test_each_stage_clock_counts_its_own_time_only(quick_bundle: Path, cells: np.ndarray,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages add up to where a cell's time went: sending a decision is the emit stage's, not the policy's
+    (which once counted it too, so the breakdown double-counted the emit)."""
+    from streamer import emitter
+
+    encode = emitter.codec.encode_decisions
+
+    def slow_encode(*args: object) -> bytes:
+        time.sleep(0.05)
+        return encode(*args)
+
+    monkeypatch.setattr(emitter.codec, "encode_decisions", slow_encode)
+    service, sender, receiver = start(quick_bundle, deadline={"budget_us": 5_000_000.0})
+    try:
+        before = metrics(service.endpoints["health"])
+        sender.cells("timed", [3], cells[0], CHANNELS)
+        assert receiver.wait_for([3], 10)
+        after = metrics(service.endpoints["health"])
+        spent = {stage: after[f'flowsort_stage_seconds_total{{stage="{stage}"}}']
+                 - before[f'flowsort_stage_seconds_total{{stage="{stage}"}}'] for stage in ("policy", "emit")}
+        assert spent["emit"] >= 0.05 and spent["policy"] < 0.02, spent
+    finally:
+        stop(service, sender, receiver)
+
+
 @pytest.mark.parametrize("budget_from, error", [("capture", Reason.EXPIRED), ("receipt", "")])
 def test_the_budget_counts_from_capture_unless_configured(quick_bundle: Path, cells: np.ndarray, budget_from: str,
                                                           error: str) -> None:
