@@ -15,7 +15,7 @@ from bench.cell_sources import synthetic_cells
 from bench.dashboard import LiveView
 from bench.scoring import GateSpec, true_classes
 from bench.simulator import instrument_plan
-from bench.traffic import Chunk, Codes
+from bench.traffic import Chunk, Codes, Plan
 
 CLASSES = ("Interphase", "Prophase", "Metaphase", "Anaphase", "Telophase")
 MERGES = ("G1,S_phase,G2=Interphase",)
@@ -31,7 +31,16 @@ class FakeCollector:
         self.labels, self.gates, self.errors = Codes(), Codes(), Codes()
 
 
-def one_cell_chunks(plan, collector: FakeCollector, rng: np.random.Generator) -> list[dict]:
+def decision_chunk(collector: FakeCollector, acquisition: str, event_id: int, received_ns: int, seq: int,
+                   label: str, gate: str, late: bool, dead: bool, error: str) -> Chunk:
+    """One cell's decision, as the collector stores it."""
+    return Chunk(acquisition=acquisition, received_ns=received_ns, event_ids=np.array([event_id], np.uint64),
+                 label=collector.labels.codes([label]), probability=np.ones(1, np.float32), dead=np.array([dead]),
+                 gate=collector.gates.codes([gate]), late=np.array([late]), latency_us=np.zeros(1, np.float32),
+                 error=collector.errors.codes([error]), seq=seq, worker="w")
+
+
+def one_cell_chunks(plan: Plan, collector: FakeCollector, rng: np.random.Generator) -> list[dict]:
     """A decision chunk per cell of ``plan`` (random label, gate, late, error and dead flags); the truth per cell."""
     cells = []
     for i, event_id in enumerate(plan.event_ids):
@@ -41,12 +50,7 @@ def one_cell_chunks(plan, collector: FakeCollector, rng: np.random.Generator) ->
         cell = {"label": "" if error else label, "gate": gate, "late": bool(error) or rng.random() < 0.1,
                 "dead": rng.random() < 0.2, "error": error,
                 "received_ns": T0_NS + int(plan.capture_offset_ns[i]) + int(rng.integers(1, 20)) * 1_000_000}
-        collector.chunks.append(Chunk(
-            acquisition=plan.acquisitions[0], received_ns=cell["received_ns"],
-            event_ids=np.array([event_id], np.uint64), label=collector.labels.codes([cell["label"]]),
-            probability=np.ones(1, np.float32), dead=np.array([cell["dead"]]),
-            gate=collector.gates.codes([cell["gate"]]), late=np.array([cell["late"]]),
-            latency_us=np.zeros(1, np.float32), error=collector.errors.codes([cell["error"]]), seq=i, worker="w"))
+        collector.chunks.append(decision_chunk(collector, plan.acquisitions[0], int(event_id), seq=i, **cell))
         cells.append(cell)
     return cells
 
@@ -59,10 +63,8 @@ def test_live_view_counts_match_a_cell_by_cell_count() -> None:
     view = LiveView(plan, collector, [GATE], CLASSES, MERGES)
     cells = one_cell_chunks(plan, collector, rng)
     chunks = collector.chunks
-    stray = Chunk(acquisition="another run", received_ns=T0_NS, event_ids=np.array([1], np.uint64),
-                  label=collector.labels.codes(["Prophase"]), probability=np.ones(1, np.float32),
-                  dead=np.array([True]), gate=collector.gates.codes([GATE.name]), late=np.array([True]),
-                  latency_us=np.zeros(1, np.float32), error=collector.errors.codes([""]), seq=0, worker="w")
+    stray = decision_chunk(collector, "another run", 1, T0_NS, 0, "Prophase", GATE.name, late=True, dead=True,
+                           error="")
     every = [*chunks[:150], stray, *chunks[150:]]
     # Folded in increments, as the dashboard does while chunks keep arriving (one increment empty).
     for end in (0, 7, 7, 151, len(every)):
