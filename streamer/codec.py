@@ -32,6 +32,7 @@ MAX_ACQUISITION_CHARS = 256
 NAN = float("nan")
 ANSWERED_IDS_FACTOR = 16  # a rejected message's readable event ids are answered up to this many x max_cells
 MAX_CHANNELS = 64
+_CELLS_REQUIRED = frozenset(p.CELLS_REQUIRED)
 
 
 @dataclass(frozen=True)
@@ -343,22 +344,25 @@ def decode_ingest(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> p.I
 
 
 def _decode_cells(header: dict[str, Any], frames: Sequence[Any], limits: Limits) -> p.CellsMessage:
-    acquisition = _safe_str(header.get(p.ACQUISITION))
-    known_ids = _known_ids(header, limits)  # parsed once: the column checked below, and the ids to answer
-
+    # Every message of a flood passes here: the checks are written out (no generators, one pass each) and the
+    # event ids a rejection answers are read only when there is a rejection.
     def reject(reason: str, detail: str) -> Rejected:
-        return Rejected(reason, detail, acquisition, known_ids)
+        return Rejected(reason, detail, _safe_str(header.get(p.ACQUISITION)), _known_ids(header, limits))
 
-    missing = [key for key in p.CELLS_REQUIRED if key not in header]
-    if missing:
+    if not _CELLS_REQUIRED <= header.keys():
+        missing = [key for key in p.CELLS_REQUIRED if key not in header]
         raise reject(Reason.MISSING_FIELD, f"a cells message needs {', '.join(missing)}")
-    acquisition = _acquisition(header, required=True, event_ids=known_ids)
-    total = sum(memoryview(frame).nbytes for frame in frames)
+    acquisition = header[p.ACQUISITION]
+    if type(acquisition) is not str or not 0 < len(acquisition) <= MAX_ACQUISITION_CHARS:
+        _acquisition(header, required=True, event_ids=_known_ids(header, limits))
+    data = memoryview(frames[1]) if len(frames) == 2 else None
+    total = (data.nbytes if data is not None else sum(memoryview(frame).nbytes for frame in frames[1:])) \
+        + memoryview(frames[0]).nbytes
     if total > limits.max_message_bytes:
         raise reject(Reason.OVERSIZED, f"message of {total} bytes exceeds max_message_bytes {limits.max_message_bytes}")
 
     shape = header[p.SHAPE]
-    if not isinstance(shape, (list, tuple)) or len(shape) != 4 or not all(type(v) is int and v >= 0 for v in shape):
+    if type(shape) is not list or len(shape) != 4 or not _non_negative_ints(shape):
         raise reject(Reason.BAD_SHAPE, f"shape must be 4 non-negative integers [N, C, H, W], got {shape!r}")
     n, c, h, w = shape
     if n == 0:
@@ -367,28 +371,27 @@ def _decode_cells(header: dict[str, Any], frames: Sequence[Any], limits: Limits)
         raise reject(Reason.TOO_MANY_CELLS, f"N = {n} exceeds max_cells_per_message {limits.max_cells}")
     if not 1 <= c <= MAX_CHANNELS or not 1 <= h <= limits.max_side or not 1 <= w <= limits.max_side:
         raise reject(Reason.BAD_SHAPE, f"shape {shape}: C must be 1..{MAX_CHANNELS}, H and W 1..{limits.max_side}")
-    if known_ids is not None and len(known_ids) == n:
-        event_ids = known_ids
-    else:
-        try:
-            event_ids = _int_column(header[p.EVENT_IDS], p.UINT64, p.EVENT_IDS, n)
-        except ValueError as exc:
-            raise reject(Reason.BAD_FIELD, str(exc)) from None
+    event_ids, capture_ns = header[p.EVENT_IDS], header[p.CAPTURE_NS]
     try:
-        capture_ns = _int_column(header[p.CAPTURE_NS], p.INT64, p.CAPTURE_NS, n)
+        # The usual case, both columns as bin of exactly N values, without the general reader's checks.
+        if type(event_ids) is bytes and type(capture_ns) is bytes and len(event_ids) == len(capture_ns) == 8 * n:
+            event_ids, capture_ns = np.frombuffer(event_ids, p.UINT64), np.frombuffer(capture_ns, p.INT64)
+        else:
+            event_ids = _int_column(event_ids, p.UINT64, p.EVENT_IDS, n)
+            capture_ns = _int_column(capture_ns, p.INT64, p.CAPTURE_NS, n)
     except ValueError as exc:
         raise reject(Reason.BAD_FIELD, str(exc)) from None
 
     dtype_name = header[p.DTYPE]
-    dtype = p.DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = p.DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise reject(Reason.BAD_DTYPE, f"dtype {dtype_name!r} is not one of {', '.join(p.DTYPES)} (little-endian)")
     channels = header[p.CHANNELS]
-    if not isinstance(channels, (list, tuple)) or not all(type(v) is int for v in channels):
+    if type(channels) is not list or not _ints(channels):
         raise reject(Reason.BAD_FIELD, f"channels must be an array of integers, got {channels!r}")
     if len(channels) != c:
         raise reject(Reason.CHANNEL_MISMATCH, f"channels lists {len(channels)} numbers but shape has C = {c}")
-    if len(set(channels)) != len(channels):
+    if len(set(channels)) != c:
         raise reject(Reason.CHANNEL_MISMATCH, f"channels {channels} repeats a channel")
 
     deadline: int | np.ndarray | None = header.get(p.DEADLINE_NS)
@@ -400,13 +403,25 @@ def _decode_cells(header: dict[str, Any], frames: Sequence[Any], limits: Limits)
     elif type(deadline) is int and not -(1 << 63) <= deadline < (1 << 63):
         raise reject(Reason.BAD_FIELD, "deadline_ns is out of the int64 range")
 
-    if len(frames) != 2:
+    if data is None:
         raise reject(Reason.FRAME_COUNT, f"a cells message has 2 frames (header, pixels), got {len(frames)}")
-    data = memoryview(frames[1])
     expected = n * c * h * w * dtype.itemsize
     if data.nbytes != expected:
         raise reject(Reason.LENGTH_MISMATCH,
                      f"pixel frame has {data.nbytes} bytes; shape {shape} of {dtype_name} needs {expected}")
-    pixels = np.frombuffer(data, dtype).reshape(n, c, h, w)
+    pixels = np.ndarray((n, c, h, w), dtype, data)
     return p.CellsMessage(acquisition, event_ids, capture_ns, pixels, dtype_name, tuple(channels), deadline)
 
+
+def _ints(values: list[Any]) -> bool:
+    for value in values:
+        if type(value) is not int:
+            return False
+    return True
+
+
+def _non_negative_ints(values: list[Any]) -> bool:
+    for value in values:
+        if type(value) is not int or value < 0:
+            return False
+    return True

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from prometheus_client import Counter
 from zmq.utils.monitor import recv_monitor_message
 
 from engines.preprocessing import fit_to_size
@@ -38,17 +39,15 @@ from streamer.batcher import NEVER, Admission, Marker, Piece, Segment
 from streamer.codec import Limits, decode_ingest
 from streamer.config import DeadlineConfig
 from streamer.emitter import DecisionBlock, Emitter, EndReport, Pong
-from streamer.metrics import Metrics
+from streamer.metrics import Metrics, StageClock
 from streamer.protocol import Reason, Rejected
 from streamer.ratelog import RateLimitedLog, describe_ids
 from streamer.recording import AcquisitionWriter
 
 log = logging.getLogger(__name__)
-# Cells messages read back to back are admitted to the queue together (one admission call) once this many are
-# pending or this long after the first, or when the socket has nothing more.
-ADMIT_MESSAGES, ADMIT_AFTER_NS = 64, 200_000
 MERGE_CELLS = 8  # messages of up to this many cells are merged into one segment per burst (copied once)
 MAX_DEADLINE = 1 << 62
+NO_IDS = np.empty(0, p.UINT64)  # a message's non-finite cells when there are none (shared: never written)
 STALE_CAPTURE_NS = 1_000_000_000  # a capture stamp this far behind our clock says the clocks disagree
 
 
@@ -80,6 +79,34 @@ class Prepared:
     capture_ns: np.ndarray
     deadline_ns: int | np.ndarray | None
     non_finite: np.ndarray  # event ids of float cells holding NaN or inf (empty when none)
+
+
+@dataclass(slots=True)
+class BurstTally:
+    """A burst's stage times and message counts, added to the metrics once per burst: per message, a stage
+    clock call and two Prometheus counters would cost more than the stages they time."""
+
+    receive_ns: int = 0
+    decode_ns: int = 0
+    decoded: int = 0
+    admit_ns: int = 0
+    admitted: int = 0  # cells messages brought to the queue (admit calls)
+    cells_messages: int = 0
+    cells: int = 0
+
+    def flush(self, received: int, stages: StageClock, cells_messages: Counter, cells: Counter) -> None:
+        """Add the tallies of a burst of ``received`` messages to ``stages`` and the two counters; start over."""
+        if received:
+            stages.add("receive", self.receive_ns, received)
+        if self.decoded:
+            stages.add("decode", self.decode_ns, self.decoded)
+        if self.admitted:
+            stages.add("admit", self.admit_ns, self.admitted)
+        if self.cells_messages:
+            cells_messages.inc(self.cells_messages)
+            cells.inc(self.cells)
+        self.receive_ns = self.decode_ns = self.decoded = self.admit_ns = self.admitted = 0
+        self.cells_messages = self.cells = 0
 
 
 class InputAdapter:
@@ -124,7 +151,7 @@ class InputAdapter:
             self._resized.inc(len(pixels))
         ids, capture, deadline = message.event_ids, message.capture_ns, message.deadline_ns
         if bad is None:
-            return Prepared(pixels, ids, capture, deadline, ids[:0])
+            return Prepared(pixels, ids, capture, deadline, NO_IDS)
         good = ~bad
         return Prepared(pixels[good], ids[good], capture[good],
                         deadline[good] if isinstance(deadline, np.ndarray) else deadline, ids[bad])
@@ -154,7 +181,7 @@ class Ingest:
         self._cells = metrics.cells_received
         self._waited = metrics.ingest_wait
         self._pending: list[Arrival] = []  # read, not yet admitted
-        self._pending_since = 0
+        self._tally = BurstTally()
 
     def reconfigure(self, deadline: DeadlineConfig) -> None:
         """``[deadline]``'s budget and where it counts from (at start, and on a reload)."""
@@ -184,20 +211,22 @@ class Ingest:
         """Read and handle up to ``limit`` waiting messages, admit their cells; how many were read.
         ``interrupted``, asked after each ``every`` messages, ends the burst early."""
         socket = self.socket
-        stages = self.metrics.stages
         clock = time.perf_counter_ns
+        tally = self._tally
         count = 0
         try:
             while count < limit:
                 began = clock()
                 try:
-                    # The header as bytes (small: a copy is cheapest), the pixel frame as a zero-copy zmq.Frame.
-                    frames: list[Any] = [socket.recv(zmq.NOBLOCK)]
+                    # Frames, not copies: a frame says itself whether more follow (no getsockopt per frame).
+                    frame = socket.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                while socket.getsockopt(zmq.RCVMORE):
-                    frames.append(socket.recv(copy=False))
-                stages.add("receive", clock() - began)
+                frames: list[Any] = [frame]
+                while frame.more:
+                    frame = socket.recv(copy=False)
+                    frames.append(frame)
+                tally.receive_ns += clock() - began
                 count += 1
                 try:
                     self.handle(frames)
@@ -205,11 +234,9 @@ class Ingest:
                     log.exception("unexpected error handling an ingest message")
                 if interrupted is not None and count % every == 0 and interrupted():
                     break
-                if self._pending and (len(self._pending) >= ADMIT_MESSAGES
-                                      or clock() - self._pending_since >= ADMIT_AFTER_NS):
-                    self._admit()
         finally:
             self._admit()
+            tally.flush(count, self.metrics.stages, self._received[p.CELLS], self._cells)
         return count
 
     def _monitor_events(self) -> None:
@@ -249,14 +276,17 @@ class Ingest:
             self.reject(rejected, received, whole=True)
             return
         decoded = time.perf_counter_ns()
-        self.metrics.stages.add("decode", decoded - received)
+        tally = self._tally
+        tally.decode_ns += decoded - received
+        tally.decoded += 1
         kind = type(message)
         if kind is p.CellsMessage:
-            self._received[p.CELLS].inc()
-            self._cells.inc(message.count)
+            tally.cells_messages += 1
+            tally.cells += len(message.event_ids)
             try:
                 self._cells_message(message, received, received_wall)
-                self.metrics.stages.add("admit", time.perf_counter_ns() - decoded)
+                tally.admit_ns += time.perf_counter_ns() - decoded
+                tally.admitted += 1
             except Rejected as rejected:
                 rejected.acquisition = rejected.acquisition or message.acquisition
                 rejected.event_ids = message.event_ids if rejected.event_ids is None else rejected.event_ids
@@ -301,8 +331,6 @@ class Ingest:
                 raise Rejected(Reason.NON_FINITE, "every cell holds NaN or inf pixels")
             self.reject(Rejected(Reason.NON_FINITE, f"{len(cells.non_finite)} of {message.count} cells hold NaN or "
                                  "inf pixels", message.acquisition, cells.non_finite), received, whole=False)
-        if not self._pending:
-            self._pending_since = received
         self._pending.append(Arrival(message.acquisition, cells.event_ids, cells.pixels, cells.capture_ns,
                                      cells.deadline_ns, received, received_wall))
 
@@ -311,11 +339,14 @@ class Ingest:
         kind of deadline): what a burst of one-cell messages costs is then paid once per burst."""
         segments: list[Segment] = []
         run: list[Arrival] = []
+        run_key = None
         for arrival in arrivals:
-            if run and (arrival.key is None or arrival.key != run[0].key):
+            key = arrival.key
+            if run and (key is None or key != run_key):
                 segments.append(self._segment(run))
                 run = []
             run.append(arrival)
+            run_key = key
         if run:
             segments.append(self._segment(run))
         return segments
