@@ -37,9 +37,6 @@ WIDTH = 0.15  # on a CPU with native bf16
 WIDTH_FP32 = 0.12  # without it, the engine runs fp32: about 1.5x the time per cell
 INTERPHASE_MERGE = "G1,S_phase,G2=Interphase"
 CEILING_SECONDS = 3.0
-# Of the engine's ceiling: above it Poisson arrivals miss a 10 ms deadline once the service's own threads and the
-# instrument share two cores with the engine (docs/benchmarks.md, "Streamer end to end": 13-19% held, 25-31% not).
-SUSTAINABLE_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -119,16 +116,27 @@ def measure_engine(bundle: Path, engine: str, rate: float) -> dict[str, object]:
     best = ceiling["throughput_cells_per_s"]
     print(f"    {ceiling['engine']} {ceiling['precision']}, {ceiling['threading']}: at most {best:,.0f} cells/s "
           f"(batch {ceiling['batch']}); the live run offers {rate:,.0f} cells/s, {100 * rate / best:.0f}% of that")
-    if rate > SUSTAINABLE_SHARE * best:
-        print(f"    This machine is unlikely to sustain {rate:,.0f} cells/s with this model inside a 10 ms deadline: "
-              f"random arrivals need headroom, the service and the instrument share the cores with the engine, and "
-              f"{rate:,.0f} is above {100 * SUSTAINABLE_SHARE:.0f}% of what the engine decides alone. The streamer "
-              f"will refuse the excess at the door (answered at once, counted as overload_refused, never sorted "
-              f"late). For a run inside the deadline, offer less: `make demo DEMO_ARGS=\"--rate "
-              f"{int(SUSTAINABLE_SHARE * best / 100) * 100}\"` (lower still where the CPU is slow per core; a "
-              f"narrower model helps little, since at a few cells per batch the engine's time goes to its layers' "
-              f"fixed costs, not to arithmetic).", flush=True)
     return ceiling
+
+
+def say_if_unsustainable(speed: dict[str, float], rate: float) -> None:
+    """Before the live run: the streamer's own estimate (its pong's ``engine_speed``, the same one `flowsort serve`
+    logs and warns with), and plain advice when the offered rate is above it."""
+    sustainable = speed.get("sustainable_cells_per_s")
+    if not sustainable:
+        return
+    print(f"    The streamer timed its engine at start: {speed['batch1_cells_per_s']:,.0f} cells/s at batch 1, "
+          f"{speed['best_cells_per_s']:,.0f} at batch {speed['best_batch']:.0f}, one call at a time; it estimates about "
+          f"{sustainable:,.0f} cells/s sustainable end to end here.")
+    if rate > sustainable:
+        print(f"    So this machine is unlikely to sustain {rate:,.0f} cells/s with this model inside a 10 ms deadline: "
+              f"random arrivals need headroom, and the service and the instrument share the cores with the engine. "
+              f"The streamer will refuse the excess at the door (answered at once, counted as overload_refused, never "
+              f"sorted late). For a run inside the deadline, offer less: `make demo DEMO_ARGS=\"--rate "
+              f"{max(100, int(sustainable / 100) * 100)}\"` or less: the estimate holds for 20 ms deadlines, and a 10 ms "
+              f"one on a CPU slow per core may need half of it (docs/benchmarks.md, The demo). A narrower model helps "
+              f"little: at a few cells per batch the engine's time goes to its layers' fixed costs, not to "
+              f"arithmetic.", flush=True)
 
 
 def print_verdict(summary: dict[str, object], ceiling: dict[str, object], deadline_ms: float) -> None:
@@ -173,7 +181,8 @@ def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
     import engines
     from bench.cell_sources import synthetic_cells
     from bench.link import LinkOptions, open_link
-    from bench.simulator import instrument_plan, live_run, print_summary, write_outputs
+    from bench.simulator import instrument_plan, live_run, print_summary, streamer_status, write_outputs
+    from streamer import protocol as p
 
     began = time.perf_counter()
     engine = settings.engine or ("openvino" if engines.available()["openvino"] is None else "torch")
@@ -181,6 +190,8 @@ def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
     print(f"\n==> Starting the streamer (flowsort serve {bundle}, {engine} engine, a mitotic sort gate)", flush=True)
     with open_link(LinkOptions(serve=bundle, engine=engine), out / "streamer") as link:
         print(f"    ready in {time.perf_counter() - began:.1f} s: ingest {link.ingest}, decisions {link.decisions}")
+        speed = streamer_status(link).get(p.ENGINE_SPEED) or {}
+        say_if_unsustainable(speed, settings.rate)
         cells = synthetic_cells(4096, link.model.input_size, seed=3, prior=settings.prior)
         plan = instrument_plan(cells, settings.rate, settings.seconds, transit_ms=10.0, seed=3, acquisition="demo")
         print(f"\n==> The simulated instrument: {settings.rate:,.0f} cells/s (Poisson) for {settings.seconds:.0f} s, "
@@ -190,7 +201,7 @@ def live(settings: DemoSettings, bundle: Path, out: Path) -> float:
     print_summary(summary, 10.0)
     print_verdict(summary, ceiling, 10.0)
     settings = {"bundle": str(bundle), "engine": summary.get("engine"), "rate": settings.rate, "seconds": settings.seconds,
-                "engine_ceiling": ceiling,
+                "engine_ceiling": ceiling, "streamer_engine_speed": speed,
                 "arrivals": "poisson", "transit_ms": 10.0, "sample": cells.description,
                 "gates": [g.__dict__ for g in link.gates]}
     json_path, html_path = write_outputs(out, "report", "flowsort demo: a simulated instrument through the streamer",

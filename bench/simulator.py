@@ -49,6 +49,17 @@ def instrument_plan(cells: CellSet, rate: float, seconds: float, *, poisson: boo
                           "transit_ms": transit_ms, "cells": cells.description})
 
 
+def streamer_status(link: Link) -> dict[str, Any]:
+    """The streamer's pong (docs/protocol.md, 4.3): readiness, engine, and the rate it estimates it sustains here."""
+    socket = push_socket(link.context, link.ingest)
+    collector = Collector(link.decisions, link.context)
+    try:
+        return handshake(socket, collector)
+    finally:
+        collector.close()
+        socket.close(linger=0)
+
+
 def live_run(link: Link, plan: Plan, *, title: str, dashboard: bool = True, target_rate: float | None = None,
              drain_timeout_s: float = 5.0, send_end: bool = True) -> tuple[RunRecord, dict[str, Any]]:
     """Send ``plan`` to the link's streamer with a live dashboard; the run and its summary."""

@@ -2,12 +2,15 @@
 
 An operator picks a model for an event rate (docs/benchmarks.md, the frontier);
 this says at start whether the machine can keep up, from the engine times per
-batch size that the service's planner measures anyway (streamer/model.py). End to end, with
-Poisson arrivals and a p99 budget of 10-20 ms, ``flowsort serve`` sustained
+batch size that the service's planner measures anyway (streamer/model.py), and
+the pong's ``engine_speed`` tells clients (`make demo` asks it). End to end,
+with Poisson arrivals and a p99 budget of 20 ms, ``flowsort serve`` sustained
 about 30% of the engine's best-batch rate on the 2-core reference machine
 (full width 156 of 474 cells/s, width 0.5 500 of 1,645), because only small
 batches fit the latency budget and the streamer shares the cores; that ratio
-is the estimate used here.
+is the estimate used here. A 10 ms budget keeps less: on a Zen 3 without
+AVX-512 the demo model held 400 cells/s but not 600 against an estimate of
+740-980 (docs/benchmarks.md, The demo).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ class EngineSpeed:
     @property
     def sustainable_cells_per_s(self) -> float:
         return SUSTAINED_SHARE * self.best_cells_per_s
+
+    def as_dict(self) -> dict[str, float]:
+        """The pong's ``engine_speed`` map (docs/protocol.md)."""
+        return {"batch1_cells_per_s": round(self.batch1_cells_per_s, 1),
+                "best_cells_per_s": round(self.best_cells_per_s, 1), "best_batch": self.best_batch,
+                "sustainable_cells_per_s": round(self.sustainable_cells_per_s, 1)}
 
 
 def speed_from_costs(costs: dict[int, float]) -> EngineSpeed:

@@ -20,7 +20,7 @@ import numpy as np
 from engines.base import Engine
 from engines.bundle import Bundle, load_bundle
 from streamer.batcher import Planner
-from streamer.capacity import log_engine_speed
+from streamer.capacity import EngineSpeed, log_engine_speed
 from streamer.config import StreamerConfig
 from streamer.policy import Policy, policy_for
 
@@ -48,6 +48,7 @@ class Model:
     policy: Policy
     planner: Planner
     description: dict[str, Any]
+    speed: EngineSpeed  # measured at start; what the service estimates it sustains here
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -117,5 +118,5 @@ def build_model(bundle_path: str | Path | Bundle, config: StreamerConfig,
     log.info("engine %s %s ready in %.1f s%s; batch times %s; ceiling about %.0f cells/s", engine.name,
              engine.precision, time.perf_counter() - started, threading,
              ", ".join(f"{s}: {c / 1e3:.0f} us" for s, c in sorted(costs.items())), planner.ceiling())
-    log_engine_speed(costs, config.service.expected_rate, log)
-    return Model(bundle, engine, policy, planner, description)
+    speed = log_engine_speed(costs, config.service.expected_rate, log)
+    return Model(bundle, engine, policy, planner, description, speed)

@@ -61,6 +61,7 @@ RECEIVED_NS = "received_ns"
 READY = "ready"
 QUEUE_DEPTH = "queue_depth"
 ENGINE = "engine"
+ENGINE_SPEED = "engine_speed"
 ENDPOINTS = "endpoints"
 REPORT = "report"
 

@@ -251,6 +251,7 @@ class Service:
             p.READY: self.started and not self.stopping and not (self.dispatcher and self.dispatcher.failing),
             p.QUEUE_DEPTH: self.dispatcher.queued() if self.dispatcher else 0,
             p.ENGINE: f"{model.engine.name} {model.engine.precision}" if model else "",
+            p.ENGINE_SPEED: model.speed.as_dict() if model else {},
             p.BUNDLE: model.bundle_hash if model else "",
             p.ENDPOINTS: dict(self.endpoints),
         }

@@ -19,3 +19,20 @@ def test_the_demo_model_is_narrower_where_the_engine_runs_fp32(monkeypatch: pyte
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert demo_width() == width
     assert WIDTH_FP32 < WIDTH
+
+
+def test_the_demo_says_plainly_when_the_streamer_estimates_the_rate_out_of_reach(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.demo import say_if_unsustainable
+    from streamer.capacity import EngineSpeed
+
+    speed = EngineSpeed(batch1_cells_per_s=1400, best_cells_per_s=3100, best_batch=8).as_dict()  # ~930 sustainable
+    say_if_unsustainable(speed, 1000)
+    out = capsys.readouterr().out
+    assert "about 930 cells/s sustainable" in out and "unlikely to sustain 1,000 cells/s" in out
+    assert 'DEMO_ARGS="--rate 900"' in out
+    say_if_unsustainable(speed, 900)
+    out = capsys.readouterr().out
+    assert "about 930 cells/s sustainable" in out and "unlikely" not in out
+    say_if_unsustainable({}, 1000)  # a streamer that sent no estimate: nothing to say
+    assert capsys.readouterr().out == ""

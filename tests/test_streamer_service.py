@@ -21,6 +21,7 @@ import zmq
 
 from engines.bundle import load_bundle
 from streamer import codec
+from streamer.capacity import SUSTAINED_SHARE
 from streamer.client import Receiver, Sender
 from streamer.emitter import DecisionBlock, Emitter
 from streamer.metrics import Metrics
@@ -372,6 +373,13 @@ def test_end_of_acquisition_reports_and_ping_answers(served: Harness, cells: np.
     served.sender.ping("hello")
     pong = served.pub.wait_other("pong", 10, nonce="hello")
     assert pong is not None and pong["ready"] is True and pong["worker"] == served.service.worker
+    # The worker's own estimate of what it sustains, from the engine times it measured at start.
+    rates = {size: size * 1e9 / cost for size, cost in served.service.model.planner.measured.items()}
+    best = max(rates, key=rates.__getitem__)
+    speed = pong["engine_speed"]
+    assert speed["best_batch"] == best and speed["best_cells_per_s"] == pytest.approx(rates[best], abs=0.1)
+    assert speed["batch1_cells_per_s"] == pytest.approx(rates[min(rates)], abs=0.1)
+    assert speed["sustainable_cells_per_s"] == pytest.approx(SUSTAINED_SHARE * rates[best], abs=0.2)
 
 
 def test_engine_failure_answers_the_batch_and_repeated_failures_make_not_ready(served: Harness,
