@@ -316,3 +316,46 @@ def test_overhead_bench_runs_the_service_path_with_a_no_work_engine(quick_bundle
         assert row["cells_decided"] == row["cells_sent"] > 0 and row["errors"] == 0
         assert row["messages_per_s"] > 0 and row["stage_us_per_message"]["decode"] > 0
     assert report["machine"]["cpu_model"] and (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_a_burst_of_messages_is_admitted_in_one_call_and_counted_once(cells: np.ndarray) -> None:
+    """Messages waiting on the socket are read as one burst: their cells reach the queue in one admission (one
+    segment, in order), and every message and cell is counted, however long reading them took."""
+    import zmq
+
+    from streamer.codec import Limits
+    from streamer.config import DeadlineConfig
+    from streamer.emitter import Emitter
+    from streamer.ingest import Ingest, InputAdapter
+    from streamer.metrics import Metrics
+
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    sender, admissions = Sender(f"tcp://127.0.0.1:{port}", context=context), []
+    m = Metrics()
+    ingest = Ingest(pull, None, limits=Limits(), adapter=InputAdapter(CHANNELS, cells.shape[-1], m),
+                    queue=lambda segments: admissions.append(segments) or [], queue_marker=lambda marker: None,
+                    emitter=Emitter({}, m, "w", 0), metrics=m, deadline=DeadlineConfig(),
+                    bundle_hash=lambda: "", status=dict, reject_interval=1.0)
+    try:
+        ids = np.arange(1, 61, dtype=np.uint64)
+        for i, event_id in enumerate(ids):
+            sender.cells("acq-burst", [event_id], cells[i % len(cells)], CHANNELS)
+        end = time.monotonic() + 5
+        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.2)  # every message is across
+        assert ingest.read(64) == 60
+    finally:
+        ingest.close()
+        sender.close(linger=0)
+        context.term()
+    assert len(admissions) == 1 and len(admissions[0]) == 1
+    segment = admissions[0][0]
+    assert segment.acquisition == "acq-burst" and np.array_equal(segment.event_ids, ids)
+    values = {sample.name + str(sample.labels): sample.value for family in m.registry.collect()
+              for sample in family.samples}
+    assert values["flowsort_messages_received_total{'type': 'cells'}"] == 60
+    assert values["flowsort_cells_received_total{}"] == 60
+    assert m.stages.calls["receive"] == m.stages.calls["decode"] == m.stages.calls["admit"] == 60
