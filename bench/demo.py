@@ -132,8 +132,8 @@ def say_if_unsustainable(speed: dict[str, float], rate: float) -> None:
         print(f"    So this machine is unlikely to sustain {rate:,.0f} cells/s with this model inside a 10 ms deadline: "
               f"random arrivals need headroom, and the service and the instrument share the cores with the engine. "
               f"The streamer will refuse the excess at the door (answered at once, counted as overload_refused, never "
-              f"sorted late). For a run inside the deadline, offer less: `make demo DEMO_ARGS=\"--rate "
-              f"{max(100, int(sustainable / 100) * 100)}\"` or less: the estimate holds for 20 ms deadlines, and a 10 ms "
+              f"sorted late). For a run inside the deadline, offer at most `make demo DEMO_ARGS=\"--rate "
+              f"{max(100, int(sustainable / 100) * 100)}\"`, and less still for a 10 ms deadline: the estimate holds for 20 ms deadlines, and a 10 ms "
               f"one on a CPU slow per core may need half of it (docs/benchmarks.md, The demo). A narrower model helps "
               f"little: at a few cells per batch the engine's time goes to its layers' fixed costs, not to "
               f"arithmetic.", flush=True)
