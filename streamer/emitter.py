@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from streamer import codec
 from streamer import protocol as p
 from streamer.config import DeadlineConfig
 from streamer.metrics import Metrics
-from streamer.policy import NO_GATE, Columns, Policy, apply_late
+from streamer.policy import NO_GATE, Columns, Policy
 from streamer.ratelog import RateLimitedLog
 from streamer.results_thread import ResultBlock, ResultsWriter
 
@@ -146,45 +146,49 @@ class Emitter:
             self.metrics.stages.add("emit", time.perf_counter_ns() - now)
 
     def _send_decisions(self, block: DecisionBlock, n: int, now: int) -> None:
+        """Cell by cell in Python over the columns as lists: a block holds one to a few cells in a live stream,
+        where each numpy call costs more than the loop over them (docs/benchmarks.md)."""
+        cutoff = now + self.margin_ns
+        if block.late:
+            late = [True] * n
+        elif block.deadlines is not None:
+            late = [deadline < cutoff for deadline in block.deadlines.tolist()]
+        else:
+            late = [False] * n
+        origin = block.origin_ns
+        if isinstance(origin, np.ndarray):
+            latency_ns = [max(now - start, 0) for start in origin.tolist()]
+        else:
+            latency_ns = [max(now - int(origin), 0)] * n
         columns = block.columns
         if columns is not None:
-            gate = columns.gate
-            if block.late:
-                late = np.ones(n, bool)
-                gate[:] = NO_GATE
-            elif block.deadlines is not None:
-                late = apply_late(gate, block.deadlines, now, self.margin_ns)
-            else:
-                late = np.zeros(n, bool)
-        else:
-            gate = np.full(n, NO_GATE, np.int16)
-            late = np.full(n, block.late, bool)
-            if not block.late and block.deadlines is not None:
-                late = block.deadlines < now + self.margin_ns
-        latency = np.maximum(now - np.asarray(block.origin_ns, np.int64), 0)
-        if latency.ndim == 0:
-            latency = np.full(n, latency, np.int64)
-        if columns is not None:
             policy = block.policy
-            label = policy.label_names[columns.label].tolist()
+            gate = columns.gate.tolist()
+            if True in late:  # a late cell is never sorted
+                gate = [NO_GATE if was_late else g for g, was_late in zip(gate, late)]
+                columns.gate[:] = gate
+            labels = columns.label.tolist()
+            names, gate_names, gate_streams = policy.label_names, policy.gate_names, policy.gate_streams
+            label = [names[k] for k in labels]
             probability = columns.probability.tolist()
             dead = columns.dead.tolist()
             dead_score = columns.dead_score.tolist()
-            gate_names = policy.gate_names[gate].tolist()
-            streams = policy.gate_streams[gate].tolist()
+            gate_name = [gate_names[g] for g in gate]
+            stream = [gate_streams[g] for g in gate]
             error = [""] * n
         else:
+            labels, gate = [], []
             label, probability, dead, dead_score = [""] * n, [NAN] * n, [False] * n, [NAN] * n
-            gate_names, streams, error = [""] * n, [0] * n, [block.error] * n
+            gate_name, stream, error = [""] * n, [0] * n, [block.error] * n
         payload = codec.encode_decisions(self.worker, self._next_seq(), block.acquisition, block.bundle, (
-            block.event_ids.tolist(), label, probability, dead, dead_score, gate_names, streams, late.tolist(),
-            (latency // 1000).tolist(), error,  # in DECISION_COLUMNS order
+            block.event_ids.tolist(), label, probability, dead, dead_score,
+            gate_name, stream, late, [t // 1000 for t in latency_ns], error,  # in DECISION_COLUMNS order
         ))
         # Counted before sending: whoever holds a decision finds it in the metrics.
-        self._account(block, gate, late, latency)
+        self._account(block, n, labels, gate, dead, late, latency_ns)
         self._send(payload, n)
         if self.results is not None:
-            self._post_results(block, late)
+            self._post_results(block, np.array(late, bool))
 
     def _post_results(self, block: DecisionBlock, late: np.ndarray) -> None:
         """Hand the block, as sent, to the FCS writer: events where classified, a count where not."""
@@ -208,44 +212,42 @@ class Emitter:
                 self._ratelog.log(logging.WARNING, f"drop-{name}",
                                   "%s consumer absent or too slow: decisions dropped (never blocking inference)", name)
 
-    def _account(self, block: DecisionBlock, gate: np.ndarray, late: np.ndarray, latency: np.ndarray) -> None:
+    def _account(self, block: DecisionBlock, n: int, labels: list[int], gate: list[int], dead: list[bool],
+                 late: list[bool], latency_ns: list[int]) -> None:
         m = self.metrics
-        n = len(block.event_ids)
         counts = self._counts.get(block.acquisition)
         if counts is None:
             counts = self._counts[block.acquisition] = AcquisitionCounts()
             if len(self._counts) > MAX_ACQUISITIONS:
                 self._counts.popitem(last=False)
         counts.cells += n
-        late_count = int(late.sum())
+        late_count = late.count(True)
         counts.late += late_count
         if late_count:
             m.cells_late.inc(late_count)
-        m.latency.observe(latency / 1e9)
+        m.latency.observe([t / 1e9 for t in latency_ns])
         if block.columns is None:
             counts.errors[block.error] = counts.errors.get(block.error, 0) + n
             return
         policy = block.policy
-        columns = block.columns
         counts.classified += n
-        per_label = np.bincount(columns.label, minlength=len(policy.class_names))
-        for index in np.flatnonzero(per_label):
+        for index, count in Counter(labels).items():
             name = policy.class_names[index]
             child = self._decided.get(name)
             if child is None:
                 child = self._decided[name] = m.cells_decided.labels(name)
-            child.inc(int(per_label[index]))
-        sorted_gates = gate[gate >= 0]
-        if len(sorted_gates):
-            per_gate = np.bincount(sorted_gates, minlength=len(policy.gates))
-            for index in np.flatnonzero(per_gate):
+            child.inc(count)
+        if len(gate) > gate.count(NO_GATE):
+            for index, count in Counter(gate).items():
+                if index == NO_GATE:
+                    continue
                 name = policy.gates[index].name
                 child = self._sorted.get(name)
                 if child is None:
                     child = self._sorted[name] = m.cells_sorted.labels(name)
-                child.inc(int(per_gate[index]))
-                counts.sorted[name] = counts.sorted.get(name, 0) + int(per_gate[index])
-        dead = int(columns.dead.sum())
-        if dead:
-            m.cells_dead.inc(dead)
-            counts.dead += dead
+                child.inc(count)
+                counts.sorted[name] = counts.sorted.get(name, 0) + count
+        dead_count = dead.count(True)
+        if dead_count:
+            m.cells_dead.inc(dead_count)
+            counts.dead += dead_count

@@ -104,7 +104,7 @@ class ResultLayout:
         """FCS events [N, parameters] for N decided cells.
 
         ``columns`` come from :meth:`Policy.decide`, with ``gate`` already unsorted for late
-        cells (:func:`streamer.policy.apply_late`); ``capture_ns`` is the instrument's time of each cell.
+        cells (by :class:`streamer.emitter.Emitter`); ``capture_ns`` is the instrument's time of each cell.
         """
         n, k = len(event_ids), len(self.class_names)
         if probabilities.shape != (n, k):

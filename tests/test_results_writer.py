@@ -23,7 +23,7 @@ def block(acquisition: str, ids: list[int], policy: Policy | None = None, late: 
     probabilities = np.tile(np.eye(k, dtype=np.float32)[0], (n, 1))
     columns = policy.decide(probabilities, np.zeros(n, np.float32))
     lateness = np.full(n, late)
-    columns.gate[lateness] = -1  # as apply_late leaves it
+    columns.gate[lateness] = -1  # as the emitter leaves a late cell
     return ResultBlock(acquisition, "bundlehash", policy, np.array(ids, np.uint64),
                        10**18 + np.array(ids, np.int64) * 1000, probabilities,
                        np.ones((n, 16), np.float32), columns, lateness)

@@ -18,14 +18,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from prometheus_client import generate_latest
 
 from engines.bundle import load_bundle
 from streamer import codec
 from streamer.capacity import SUSTAINED_SHARE
 from streamer.client import Receiver, Sender
 from streamer.emitter import DecisionBlock, Emitter
-from streamer.metrics import Metrics
-from streamer.policy import Policy
+from streamer.metrics import Metrics, parse_text
+from streamer.policy import NO_GATE, Policy
 from streamer.protocol import Reason
 from streamer.service import Service
 from streamer.testing import make_config, metrics
@@ -199,7 +200,8 @@ def test_emitter_marks_late_at_send_time() -> None:
         pull.connect(f"tcp://127.0.0.1:{port}")
         push.send(b"probe")  # blocks until the consumer is connected, so the emitter's NOBLOCK send finds it
         assert pull.recv() == b"probe"
-        emitter = Emitter({"push": push}, Metrics(), "w", margin_ns=0)
+        counted = Metrics()
+        emitter = Emitter({"push": push}, counted, "w", margin_ns=0)
         policy = Policy(("A", "B"), make_config(gates=[{"name": "a", "classes": ["A"], "min_probability": 0.1}]).gates, 5.0)
         columns = policy.decide(np.array([[0.9, 0.1], [0.9, 0.1]], np.float32), np.zeros(2, np.float32))
         now = time.perf_counter_ns()
@@ -209,6 +211,19 @@ def test_emitter_marks_late_at_send_time() -> None:
         decisions = codec.decode_output(pull.recv_multipart())
         assert list(decisions.late) == [True, False] and decisions.gate == ["", "a"]
         assert list(decisions.stream) == [0, 1]
+        assert columns.gate.tolist() == [NO_GATE, 0]  # as the results file records it
+        # The margin counts as late what would leave within it of the deadline.
+        emitter.margin_ns = 5_000_000
+        columns = policy.decide(np.array([[0.9, 0.1]], np.float32), np.zeros(1, np.float32))
+        soon = np.array([time.perf_counter_ns() + 1_000_000], np.int64)
+        emitter.post(DecisionBlock("acq", np.array([3], np.uint64), now, soon, "h", policy, columns))
+        assert pull.poll(5000)
+        decisions = codec.decode_output(pull.recv_multipart())
+        assert list(decisions.late) == [True] and decisions.gate == [""]
+        samples = parse_text(generate_latest(counted.registry).decode())
+        assert samples["flowsort_cells_late_total"] == 2
+        assert samples['flowsort_cells_sorted_total{gate="a"}'] == 1
+        assert samples['flowsort_cells_decided_total{label="A"}'] == 3
         emitter.close()
     finally:
         context.destroy(linger=0)
