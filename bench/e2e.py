@@ -4,9 +4,11 @@ For each engine it starts `flowsort serve` as its own process and sweeps the
 offered load: Poisson arrivals at 250, 500, 1,000, 1,500, 2,000 cells/s (by
 default), then upward by a factor until a level is not sustained, then a few
 bisection steps between the last sustained level and the first that was not.
-A level is **sustained** when every cell sent got a decision, none failed or
-was dropped, at most ``late_tolerance`` (1%) of them came back late, and the
-p99 latency stays within ``max_p99_ms`` (20 ms). Sweep cells carry a deadline
+A level is **sustained** when the sender kept its schedule and the run kept
+its deadline by :func:`bench.scoring.deadline_verdict`'s rule: at most
+``late_tolerance`` (1%) of the cells sent were not classified in time (late,
+refused at the door, failed or never answered), and the p99 latency stays
+within ``max_p99_ms`` (20 ms). Sweep cells carry a deadline
 of that same 20 ms, so the streamer sizes its batches for it and a cell it
 cannot decide in time comes back late (at its deadline) rather than making
 the queue behind it later still. Each level reports achieved throughput, latency
@@ -15,8 +17,9 @@ the sender, the receiver and the streamer used, and throughput and latency
 over time.
 
 Then the **target run**: the rate an instrument needs (1,000 cells/s) for
-60 s with each cell's deadline 10 ms after capture, judged as the sorter
-would: no drops, no late decisions, p99 within 5 ms.
+60 s with each cell's deadline 10 ms after capture, judged by the same rule
+with that deadline: at least 99% of the cells classified in time, p99 within
+10 ms (as `make demo` judges its live run).
 
 After that it stops the streamer and measures the engine alone at the same
 max batch and precision (:mod:`bench.engine_bench`'s timing): the engine
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from bench.defaults import DEFAULT_POOL
+from bench.scoring import LATE_TOLERANCE, deadline_verdict
 from flowsort.errors import UserError
 
 DEFAULT_LEVELS = (250, 500, 1000, 1500, 2000)
@@ -46,16 +50,15 @@ DEFAULT_SECONDS = 10.0
 GROWTH = 1.25
 REFINE_STEPS = 2
 LOWER_STEPS = 3  # halvings below the lowest level while none is sustained
-LATE_TOLERANCE = 0.01  # as many as the p99 bound allows
 MAX_P99_MS = 20.0  # the bound on a sustained level's p99 latency, and the sweep's deadline
-TARGET_RATE, TARGET_SECONDS, TARGET_TRANSIT_MS, TARGET_P99_MS = 1000.0, 60.0, 10.0, 5.0
+TARGET_RATE, TARGET_SECONDS, TARGET_TRANSIT_MS = 1000.0, 60.0, 10.0
 SENDER_TOLERANCE = 0.02  # a level whose achieved send rate misses the schedule by more is sender-limited
 PAUSE_S = 0.5
 DRAIN_S = 3.0  # after a level's last cell: queued cells are decided or expire well within this
 MAX_RATE = 200_000.0  # never offer more (cells/s)
 MAX_BATCH = 64
 CEILING_SECONDS = 5.0  # engine-only timing, over its batch sizes
-TARGETS = {"target_rate_p99_ms": TARGET_P99_MS, "ceiling_ratio": 0.8, "sustained_p99_ms": MAX_P99_MS}
+TARGETS = {"late_tolerance": LATE_TOLERANCE, "ceiling_ratio": 0.8, "sustained_p99_ms": MAX_P99_MS}
 
 
 @dataclass(frozen=True)
@@ -99,22 +102,11 @@ def levels_list(text: str) -> list[float]:
 
 
 def judge(summary: dict[str, Any], late_tolerance: float, max_p99_ms: float) -> tuple[bool, str]:
-    """Sustained or not, and why not."""
+    """Sustained or not, and why not: the sender kept its schedule, and the deadline was kept."""
     pacing = summary["pacing"]
     if pacing["scheduled_rate"] and pacing["rate_error"] < -SENDER_TOLERANCE:
         return False, f"sender-limited ({100 * pacing['rate_error']:+.1f}% of the scheduled rate)"
-    sent = summary["cells_sent"]
-    if summary["dropped"]:
-        return False, f"{summary['dropped']} dropped"
-    failed = {k: v for k, v in summary["errors"].items() if k != "expired"}  # expired cells are late ones
-    if failed:
-        return False, "errors: " + ", ".join(f"{k} {v}" for k, v in failed.items())
-    if summary["late"] > late_tolerance * sent:
-        return False, f"{summary['late']} late ({100 * summary['late'] / max(sent, 1):.2f}%)"
-    p99 = summary["latency_ms"]["p99"]
-    if p99 is None or p99 > max_p99_ms:
-        return False, f"p99 {'-' if p99 is None else f'{p99:.1f}'} ms > {max_p99_ms:g} ms"
-    return True, ""
+    return deadline_verdict(summary, max_p99_ms, late_tolerance)
 
 
 class Sweep:
@@ -146,9 +138,7 @@ class Sweep:
         settings = self.settings
         summary = self.measure(settings.target_rate, settings.target_seconds, settings.target_transit_ms,
                                f"e2e-{self.engine}-target-{settings.target_rate:g}", seed=settings.seed + 10_000)
-        p99 = summary["latency_ms"]["p99"]
-        summary["ok"] = bool(summary["dropped"] == 0 and summary["late"] == 0 and not summary["errors"]
-                             and summary["missing"] == 0 and p99 is not None and p99 <= TARGET_P99_MS)
+        summary["ok"], summary["reason"] = deadline_verdict(summary, settings.target_transit_ms)
         self._show(settings.target_rate, summary, " - target met" if summary["ok"] else " - target missed")
         return summary
 
@@ -343,7 +333,8 @@ def sweep_engines(settings: SweepSettings) -> dict[str, Any]:
 
 
 def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets, per engine: the target run (no drops, no late, p99 <= 5 ms); max sustained >= 0.8 x ceiling."""
+    """The targets, per engine: the target run kept its deadline (``deadline_verdict``); max sustained >= 0.8 x
+    ceiling."""
     out = []
     settings = report["settings"]
     for result in report["engines"]:
@@ -351,11 +342,13 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         if target is not None:
             out.append({"engine": result["engine"],
                         "check": f"{settings['target_rate']:g} cells/s for {settings['target_seconds']:g} s, "
-                                 f"{settings['target_transit_ms']:g} ms deadline: no drops, no late, "
-                                 f"p99 <= {TARGET_P99_MS:g} ms",
+                                 f"{settings['target_transit_ms']:g} ms deadline: at most "
+                                 f"{100 * LATE_TOLERANCE:g}% not decided in time, p99 <= "
+                                 f"{settings['target_transit_ms']:g} ms",
                         "ok": target["ok"],
                         "value": {"achieved": round(target["throughput_cells_per_s"]), "dropped": target["dropped"],
-                                  "late": target["late"], "p99_ms": target["latency_ms"]["p99"]}})
+                                  "late": target["late"], "in_time": target["in_time"], "sent": target["sent"],
+                                  "p99_ms": target["latency_ms"]["p99"], "reason": target["reason"]}})
         ratio = result["ceiling_ratio"]
         out.append({"engine": result["engine"], "check": "max sustained >= 80% of the engine ceiling",
                     "ok": ratio is not None and ratio >= TARGETS["ceiling_ratio"], "value": ratio})
@@ -372,7 +365,7 @@ def table(report: dict[str, Any]) -> str:
         if result["target_run"] is not None:
             target = result["target_run"]
             rows.append((target, f"target run ({target['transit_ms']:g} ms deadline): "
-                                 + ("met" if target["ok"] else "missed")))
+                                 + ("met" if target["ok"] else "missed: " + target["reason"])))
         for lvl, verdict in rows:
             lat = lvl["latency_ms"]
             cpu = lvl["cpu"]

@@ -55,7 +55,7 @@ def summarize(record: RunRecord, gates: Sequence[GateSpec] = (), model_classes: 
         "offered_cells_per_s": offered,
         "throughput_cells_per_s": float(classified.sum()) / busy_s if classified.any() else 0.0,
         "decided_cells_per_s": float(decided.sum()) / busy_s if decided.any() else 0.0,
-        "in_time_cells_per_s": float((classified & ~out.late).sum()) / busy_s,  # classified and not late
+        "in_time_cells_per_s": counts["in_time"] / busy_s,  # classified and not late
         **counts,
         "received_after_deadline": after_deadline,
         "duplicates": out.duplicates, "strays": out.strays,

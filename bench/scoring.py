@@ -15,13 +15,14 @@ scores a 5-class model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 OVERLOAD_ERRORS = ("overload_dropped", "overload_refused")
+LATE_TOLERANCE = 0.01  # a run keeps its deadline when at most this share of its cells was not decided in time
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,10 @@ def gate_scores(sorted_into: np.ndarray, true_class: np.ndarray, model_classes: 
 
 
 def outcome_counts(decided: np.ndarray, late: np.ndarray, error: np.ndarray, error_names: Sequence[str]) -> dict[str, Any]:
-    """Cells decided, late, failed by reason, and dropped (overload errors plus cells never answered)."""
+    """Cells decided, late, failed by reason, dropped (overload errors plus cells never answered), and
+    classified in time (decided without an error before the deadline: the cells a sorter could sort)."""
     decided = np.asarray(decided, bool)
+    late = np.asarray(late, bool) & decided
     errors: dict[str, int] = {}
     codes, counts = np.unique(np.asarray(error)[decided], return_counts=True)
     for code, count in zip(codes.tolist(), counts.tolist()):
@@ -104,11 +107,38 @@ def outcome_counts(decided: np.ndarray, late: np.ndarray, error: np.ndarray, err
         if name:
             errors[name] = int(count)
     missing = int((~decided).sum())
+    classified = decided & (np.asarray(error) == error_names.index("")) if "" in error_names else np.zeros_like(decided)
     return {
-        "sent": int(len(decided)), "decided": int(decided.sum()), "missing": missing,
-        "late": int((np.asarray(late, bool) & decided).sum()),
+        "sent": int(len(decided)), "decided": int(decided.sum()), "missing": missing, "late": int(late.sum()),
         "errors": errors, "dropped": missing + sum(errors.get(name, 0) for name in OVERLOAD_ERRORS),
+        "in_time": int((classified & ~late).sum()),
     }
+
+
+def deadline_verdict(summary: Mapping[str, Any], deadline_ms: float,
+                     tolerance: float = LATE_TOLERANCE) -> tuple[bool, str]:
+    """Whether a run kept its deadline as its sorter counts it, and if not, why.
+
+    Kept when at most ``tolerance`` of the cells sent were not classified in time (late, refused or
+    dropped at the door, failed or never answered: each is a cell the sorter could not sort) and the
+    p99 latency, capture to decision received, is within ``deadline_ms``. `make demo`, the levels of
+    `bench e2e` and its target run all judge by this one rule; ``summary`` is
+    :func:`bench.run_summary.summarize`'s.
+    """
+    sent = summary["sent"]
+    missed = sent - summary["in_time"]
+    p99 = summary["latency_ms"]["p99"]
+    problems = []
+    if not sent:
+        problems.append("no cells were sent")
+    elif missed > tolerance * sent:
+        failed = sum(n for name, n in summary["errors"].items() if name not in (*OVERLOAD_ERRORS, "expired"))
+        problems.append(f"{missed:,} of {sent:,} cells not decided in time ({100 * missed / sent:.2f}%, at most "
+                        f"{100 * tolerance:g}%): {summary['late']:,} late, {summary['dropped']:,} refused or dropped"
+                        + (f", {failed:,} failed" if failed else ""))
+    if p99 is None or p99 > deadline_ms:
+        problems.append(f"p99 {'-' if p99 is None else f'{p99:.2f}'} ms > {deadline_ms:g} ms")
+    return not problems, "; ".join(problems)
 
 
 def class_mix(label: np.ndarray, label_names: Sequence[str]) -> dict[str, int]:

@@ -39,6 +39,7 @@ def test_report_matches_the_decisions_received(sweep: tuple[dict, Path]) -> None
         error_names = list(raw["error_names"])
         failed = decided & (raw["error"] != error_names.index(""))
         assert sum(level["errors"].values()) == int(failed.sum())
+        assert level["in_time"] == int((decided & ~failed & ~raw["late"]).sum())
         latency = (raw["received_ns"][decided] - raw["capture_ns"][decided]) / 1e6
         for key, q in (("p50", 50), ("p95", 95), ("p99", 99)):
             assert level["latency_ms"][key] == pytest.approx(np.percentile(latency, q))
@@ -80,14 +81,14 @@ def test_sweep_finds_the_ceiling_and_writes_the_report(sweep: tuple[dict, Path])
         assert sum(threads.values()) == pytest.approx(level["streamer_cpu_core_fraction"], abs=0.02)
     for name in ("fs-loop", "engine and other"):
         assert sum(level["streamer_threads_cores"][name] for level in runs) > 0, name
-    for level in result["levels"]:
-        assert level["sustained"] == (level["dropped"] == 0 and not level["errors"] and level["missing"] == 0
-                                      and level["late"] <= 0.02 * level["cells_sent"]
-                                      and level["latency_ms"]["p99"] <= 50), level["reason"]
+    for level in result["levels"]:  # the one rule: at most 2% (this sweep's tolerance) not classified in time
+        not_in_time = level["cells_sent"] - level["in_time"]
+        assert level["sustained"] == (not_in_time <= 0.02 * level["cells_sent"] and level["latency_ms"]["p99"] <= 50
+                                      and level["pacing"]["rate_error"] >= -0.02), level["reason"]
     target = result["target_run"]
     target_check = next(c for c in report["checks"] if c["check"].startswith("200 cells/s for 1 s, 40 ms deadline"))
-    assert target_check["ok"] == target["ok"] == (target["dropped"] == 0 and target["late"] == 0 and not target["errors"]
-                                                  and target["latency_ms"]["p99"] <= 5)
+    assert target_check["ok"] == target["ok"] == (target["cells_sent"] - target["in_time"] <= 0.01 * target["cells_sent"]
+                                                  and target["latency_ms"]["p99"] <= 40), target["reason"]
     assert {c["check"] for c in report["checks"]} >= {"max sustained >= 80% of the engine ceiling"}
     assert report["machine"]["cores"] and report["machine"]["cpu_model"] and report["date"]
     html = (out / "e2e.html").read_text()

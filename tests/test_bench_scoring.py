@@ -8,6 +8,7 @@ import pytest
 from bench.scoring import (
     GateSpec,
     class_mix,
+    deadline_verdict,
     gate_index,
     gate_scores,
     latency_summary,
@@ -65,9 +66,35 @@ def test_outcomes_and_latency() -> None:
     error = np.array([0, 2, 0, 1, -1], np.int16)
     counts = outcome_counts(decided, late, error, ["", "overload_dropped", "expired"])
     assert counts == {"sent": 5, "decided": 4, "missing": 1, "late": 2,
-                      "errors": {"overload_dropped": 1, "expired": 1}, "dropped": 2}
+                      "errors": {"overload_dropped": 1, "expired": 1}, "dropped": 2, "in_time": 1}
     summary = latency_summary(np.arange(1, 101, dtype=float))
     assert summary["count"] == 100 and summary["max"] == 100 and summary["p50"] == pytest.approx(50.5)
     assert summary["p99"] == pytest.approx(np.percentile(np.arange(1, 101), 99))
     assert latency_summary(np.zeros(0))["p99"] is None
     assert class_mix(np.array([0, 1, 1, -1]), ["", "Interphase"]) == {"Interphase": 2}
+
+
+def _run(late: int = 0, refused: int = 0, missing: int = 0, failed: int = 0, sent: int = 1000) -> dict:
+    """A summary as outcome_counts makes it from per-cell arrays: ``late`` cells classified after the deadline,
+    ``refused`` answered at the door, ``failed`` answered with an engine error, ``missing`` never answered."""
+    n_ok = sent - late - refused - missing - failed
+    decided = np.array([True] * (sent - missing) + [False] * missing)
+    error = np.array([0] * (n_ok + late) + [1] * refused + [2] * failed + [-1] * missing, np.int16)
+    late_flags = np.array([False] * n_ok + [True] * late + [False] * (sent - n_ok - late))
+    return {**outcome_counts(decided, late_flags, error, ["", "overload_refused", "engine_failed"]),
+            "latency_ms": latency_summary(np.full(sent - missing, 4.0))}
+
+
+def test_deadline_verdict_counts_every_cell_the_sorter_could_not_sort() -> None:
+    assert deadline_verdict(_run(late=10), 10.0) == (True, "")  # 1% late: at the bound
+    kept, why = deadline_verdict(_run(late=11), 10.0)
+    assert not kept and "11 of 1,000 cells not decided in time" in why and "11 late" in why
+    # refusals, failures and unanswered cells count against the same 1%, each named in the reason
+    kept, why = deadline_verdict(_run(late=4, refused=4, missing=2, failed=1), 10.0)
+    assert not kept and "4 late, 6 refused or dropped, 1 failed" in why
+    assert deadline_verdict(_run(late=4, refused=4, missing=2), 10.0)[0]
+    # the p99 bound is the deadline, and a run is judged on both
+    kept, why = deadline_verdict(_run(late=20), 3.0)
+    assert not kept and "not decided in time" in why and "p99 4.00 ms > 3 ms" in why
+    assert deadline_verdict(_run(late=20), 10.0, tolerance=0.02)[0]
+    assert deadline_verdict(_run(sent=0), 10.0) == (False, "no cells were sent; p99 - ms > 10 ms")

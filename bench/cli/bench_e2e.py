@@ -8,9 +8,10 @@ from pathlib import Path
 
 from bench.defaults import DEFAULT_POOL
 from bench.e2e import (
-    CEILING_SECONDS, DEFAULT_LEVELS, DEFAULT_SECONDS, GROWTH, LATE_TOLERANCE, MAX_BATCH, MAX_P99_MS, MAX_RATE,
-    REFINE_STEPS, TARGET_RATE, TARGET_SECONDS, TARGET_TRANSIT_MS, SweepSettings, sweep_engines,
+    CEILING_SECONDS, DEFAULT_LEVELS, DEFAULT_SECONDS, GROWTH, MAX_BATCH, MAX_P99_MS, MAX_RATE, REFINE_STEPS,
+    TARGET_RATE, TARGET_SECONDS, TARGET_TRANSIT_MS, SweepSettings, sweep_engines,
 )
+from bench.scoring import LATE_TOLERANCE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--refine", type=int, default=REFINE_STEPS,
                         help=f"bisection steps between the last sustained and the first failed level (default {REFINE_STEPS})")
     parser.add_argument("--late-tolerance", type=float, default=LATE_TOLERANCE,
-                        help=f"share of late cells a sustained level may have (default {LATE_TOLERANCE})")
+                        help=f"share of cells a sustained level may leave undecided in time: late, refused at the door, "
+                             f"failed or unanswered (default {LATE_TOLERANCE})")
     parser.add_argument("--max-p99-ms", type=float, default=MAX_P99_MS,
                         help=f"p99 latency a sustained level may have (default {MAX_P99_MS:g})")
     parser.add_argument("--transit-ms", type=float, default=MAX_P99_MS,
