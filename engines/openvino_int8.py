@@ -123,7 +123,7 @@ def quantize_openvino(bundle: Bundle, calibration: np.ndarray, threads: int | No
     write_report(
         directory, report, calibration_cells=len(calibration), nncf=nncf.__version__, openvino=ov.get_version(),
         int8_layers=layers, target_disagreement=target,
-        **({} if kept or not report.passed else {"passed": False, "reason": ALL_FLOAT}),
+        **({"passed": False, "reason": ALL_FLOAT} if layers["int8"] == 0 else {}),
     )
     return report
 

@@ -16,6 +16,11 @@ bf16       >= 99.5%    0.05             0.03 / 0.10
 int8       >= 99%      0.15             0.10 / 0.35
 =========  ==========  ===============  =====================================
 
+Agreement (same class as f32) is judged on the cells f32 decides by at least
+the precision's max |dp|: closer ones are ties the precision may break either
+way. (The tests' small model leaves 17% of fresh cells within 0.05 of a tie;
+on a Zen 5, bf16 flipped 14 of 2,000 cells, every one within 0.01.)
+
 bf16 keeps 8 mantissa bits: its dead scores move by a few percent, mostly
 through the embedding (the whitening amplifies small embedding errors), so
 the head in f32 would not help much. INT8 moves them more; the INT8 guard
@@ -147,11 +152,18 @@ def test_parity_with_torch_f32(
             start, turn = start + n, turn + 1
 
     tolerance = TOLERANCES[precision]
-    agreement = (got.probabilities.argmax(1) == reference.probabilities.argmax(1)).mean()
+    # A cell whose two likeliest classes are closer in f32 than the precision may move a probability is a tie
+    # that precision may break either way: agreement is judged on the cells f32 decides by more.
+    top2 = np.sort(reference.probabilities, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= tolerance.probability
+    same = got.probabilities.argmax(1) == reference.probabilities.argmax(1)
+    agreement = same[clear].mean()
     probability = np.abs(got.probabilities - reference.probabilities).max()
     dead = np.abs(got.dead_score - reference.dead_score) / np.maximum(reference.dead_score, 1e-3)
     dead_p50, dead_p99 = np.percentile(dead, [50, 99])
-    measured = f"agreement {agreement:.4f}, max |dp| {probability:.2e}, dead rel p50 {dead_p50:.2e} p99 {dead_p99:.2e}"
+    measured = (f"agreement {agreement:.4f} on the {clear.sum()} cells f32 decides by >= {tolerance.probability:g} "
+                f"({same.mean():.4f} on all), max |dp| {probability:.2e}, dead rel p50 {dead_p50:.2e} p99 {dead_p99:.2e}")
+    assert clear.mean() > 0.5, measured  # the test model decides most cells clearly, or the check means little
     assert agreement >= tolerance.agreement, measured
     assert probability <= tolerance.probability, measured
     assert dead_p50 <= tolerance.dead_p50 and dead_p99 <= tolerance.dead_p99, measured
