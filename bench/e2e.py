@@ -13,8 +13,9 @@ of that same 20 ms, so the streamer sizes its batches for it and a cell it
 cannot decide in time comes back late (at its deadline) rather than making
 the queue behind it later still. Each level reports achieved throughput, latency
 percentiles (capture to decision received), drops and late decisions, the CPU
-the sender, the receiver and the streamer used, and throughput and latency
-over time.
+the sender, the receiver, the instrument's whole process (their ZeroMQ I/O
+threads included) and the streamer used, how much of the machine stayed idle,
+and throughput and latency over time.
 
 Then the **target run**: the rate an instrument needs (1,000 cells/s) for
 60 s with each cell's deadline 10 ms after capture, judged by the same rule
@@ -359,7 +360,7 @@ def table(report: dict[str, Any]) -> str:
     from bench.link import service_and_engine_cores
 
     lines = [f"{'engine':<18} {'offered':>9} {'achieved':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-             f"{'late':>6} {'dropped':>7} {'CPU snd/rcv/svc/eng':>22}  sustained"]
+             f"{'late':>6} {'dropped':>7} {'CPU inst/svc/eng idle':>22}  sustained"]
     for result in report["engines"]:
         rows = [(lvl, "yes" if lvl["sustained"] else "no: " + lvl["reason"]) for lvl in result["levels"]]
         if result["target_run"] is not None:
@@ -370,8 +371,11 @@ def table(report: dict[str, Any]) -> str:
             lat = lvl["latency_ms"]
             cpu = lvl["cpu"]
             service, engine = service_and_engine_cores(lvl)
-            cpu_text = f"{100 * (cpu['sender_core_fraction'] or 0):.0f}%/{100 * (cpu['receiver_core_fraction'] or 0):.0f}%/" \
-                       + ("-/-" if service is None else f"{100 * service:.0f}%/{100 * engine:.0f}%")
+            # cores: the instrument's process, the streamer's own threads, the engine and the rest; the machine idle
+            idle = cpu["machine_idle_share"]
+            cpu_text = f"{100 * (cpu['instrument_core_fraction'] or 0):.0f}%/" \
+                       + ("-/-" if service is None else f"{100 * service:.0f}%/{100 * engine:.0f}%") \
+                       + (" -" if idle is None else f" {100 * idle:.0f}%")
             lines.append(
                 f"{result['engine_label'] or result['engine']:<18} {lvl['offered_cells_per_s'] or 0:>9,.0f} "
                 f"{lvl['throughput_cells_per_s']:>9,.0f} {_n(lat['p50'])} {_n(lat['p95'])} {_n(lat['p99'])} {_n(lat['max'])} "

@@ -115,6 +115,8 @@ def run_sections(summary: dict[str, Any], deadline_ms: float | None = None) -> l
          f"{summary['pacing']['lag_p99_us']:.0f} µs"),
         ("CPU: sender / receiver (share of one core)",
          f"{pct(summary['cpu']['sender_core_fraction'])} / {pct(summary['cpu']['receiver_core_fraction'])}"),
+        ("CPU: the instrument's whole process (cores), machine idle",
+         f"{summary['cpu']['instrument_core_fraction'] or 0:.2f}, {pct(summary['cpu']['machine_idle_share'])}"),
     ]
     if summary.get("streamer_cpu_core_fraction") is not None:
         rows.append(("CPU: streamer process (cores)", f"{summary['streamer_cpu_core_fraction']:.2f}"))

@@ -143,13 +143,16 @@ def print_summary(summary: dict[str, Any], deadline_ms: float | None = None) -> 
               f"yield {yield_} of {gate.get('targets', 0) or 0:,} target cells")
     cpu = summary["cpu"]
     line = (f"CPU: sender {100 * (cpu['sender_core_fraction'] or 0):.1f}% of a core, receiver "
-            f"{100 * (cpu['receiver_core_fraction'] or 0):.1f}%")
+            f"{100 * (cpu['receiver_core_fraction'] or 0):.1f}% (the instrument's process "
+            f"{cpu['instrument_core_fraction'] or 0:.2f} cores)")
     if summary.get("streamer_cpu_core_fraction") is not None:
         line += f", streamer {summary['streamer_cpu_core_fraction']:.2f} cores"
         service, engine = service_and_engine_cores(summary)
         if service is not None:
             line += f" (its own threads {service:.2f}, engine and other {engine:.2f})"
     pacing = summary["pacing"]
+    if cpu["machine_idle_share"] is not None:
+        line += f", machine idle {100 * cpu['machine_idle_share']:.0f}%"
     print(line + f"; pacing {100 * pacing['rate_error']:+.2f}% of the scheduled rate, lag p99 {pacing['lag_p99_us']:.0f} µs")
 
 

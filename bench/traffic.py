@@ -581,6 +581,10 @@ class RunRecord:
     receiver_cpu_s: float
     wall_s: float  # start to the end of the drain
     drain_s: float
+    # This whole process (sender, receiver, their ZeroMQ I/O threads, a dashboard): what the instrument costs
+    # the machine, which its two threads alone understate.
+    instrument_cpu_s: float = 0.0
+    machine_idle_share: float | None = None  # of every core over the run (Linux); near 0: the cores were full
 
     @property
     def capture_ns(self) -> np.ndarray:
@@ -597,6 +601,7 @@ def run_plan(socket: zmq.Socket, collector: Collector, plan: Plan, *, drain_time
     """
     first_chunk = len(collector.chunks)
     receiver_cpu = collector.cpu_s
+    process_cpu, machine = time.process_time(), machine_cpu_ticks()
     sender = PacedSender(socket, plan, spin_s)
     sender.start()
     sender.started_event.wait()
@@ -632,7 +637,27 @@ def run_plan(socket: zmq.Socket, collector: Collector, plan: Plan, *, drain_time
         plan=plan, t0_wall_ns=sender.t0_wall_ns, sent_at=sender.sent_at[:count], messages_sent=count,
         cells_sent=sent_cells, pacing=pacing_stats(plan.send_at[:count], sender.sent_at[:count]), outcome=outcome,
         sender_cpu_s=sender.cpu_s, receiver_cpu_s=collector.cpu_s - receiver_cpu, wall_s=wall, drain_s=drain,
+        instrument_cpu_s=time.process_time() - process_cpu, machine_idle_share=idle_share(machine, machine_cpu_ticks()),
     )
+
+
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """Busy and idle (idle + iowait) ticks of all cores so far, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, idle
+
+
+def idle_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time that was idle between two :func:`machine_cpu_ticks` readings."""
+    if before is None or after is None:
+        return None
+    busy, idle = after[0] - before[0], after[1] - before[1]
+    return idle / (busy + idle) if busy + idle > 0 else None
 
 
 class DecidedCounter:
