@@ -150,9 +150,9 @@ def print_summary(summary: dict[str, Any], deadline_ms: float | None = None) -> 
         service, engine = service_and_engine_cores(summary)
         if service is not None:
             line += f" (its own threads {service:.2f}, engine and other {engine:.2f})"
-    pacing = summary["pacing"]
     if cpu["machine_idle_share"] is not None:
         line += f", machine idle {100 * cpu['machine_idle_share']:.0f}%"
+    pacing = summary["pacing"]
     print(line + f"; pacing {100 * pacing['rate_error']:+.2f}% of the scheduled rate, lag p99 {pacing['lag_p99_us']:.0f} µs")
 
 
